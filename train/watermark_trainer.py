@@ -41,6 +41,7 @@ class TrainConfig:
     anneal_fraction: float = 0.5
     ssim_weight: float = 4.0
     checkpoint_every: int = 250
+    pool_size: int = 1500  # synthetic images kept in memory, refreshed as training goes
     threads: int = 2
 
 
@@ -101,7 +102,7 @@ class WatermarkTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.rng = np.random.default_rng(config.seed)
-        self.pool = ImagePool(seed=config.seed)
+        self.pool = ImagePool(seed=config.seed, n_synthetic=config.pool_size)
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
@@ -191,7 +192,8 @@ class WatermarkTrainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
 
-    def run(self, progress: bool = True) -> None:
+    def run(self, progress: bool = True, until: int | None = None) -> None:
+        """Train to ``cfg.steps`` (or stop at step ``until``, as an interruption would)."""
         from tqdm import tqdm
 
         resumed = self.resume()
@@ -200,7 +202,8 @@ class WatermarkTrainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, mininterval=5)
         recent: list[dict] = []
         started = time.time()
-        while self.step < self.cfg.steps:
+        last = self.cfg.steps if until is None else min(until, self.cfg.steps)
+        while self.step < last:
             self.set_lr()
             rec = self.train_step()
             self.step += 1
@@ -216,12 +219,13 @@ class WatermarkTrainer:
                 recent = []
             if self.step % 200 == 0:
                 self.pool.refresh(0.05)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == last:
                 self.save()
                 (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
             bar.update(1)
         bar.close()
-        self.plot_curves()
+        if self.step == self.cfg.steps:
+            self.plot_curves()
 
     def plot_curves(self) -> Path:
         import matplotlib
