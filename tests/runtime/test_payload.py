@@ -27,6 +27,7 @@ from medsec_edge.runtime.payload import (
 )
 
 CODEC = PayloadCodec()
+HARD = PayloadCodec(soft=False)  # errors-only: the properties of the code itself
 data8 = st.binary(min_size=8, max_size=8)
 
 
@@ -125,7 +126,7 @@ def test_up_to_two_corrupted_bytes_are_corrected(data, flips):
 )
 def test_three_corrupted_bytes_are_always_detected(data, flips):
     # Minimum distance 6: a word 3 bytes from a code word is more than 2 from every code word.
-    out = CODEC.decode(_logits(_corrupt(CODEC.encode(data), flips)))
+    out = HARD.decode(_logits(_corrupt(CODEC.encode(data), flips)))
     assert not out.found and out.data is None and out.bit_errors_raw is None
     assert out.confidence == 0.0 and out.bits_corrected == 0
 
@@ -138,9 +139,27 @@ def test_three_corrupted_bytes_are_always_detected(data, flips):
 def test_four_or_more_corrupted_bytes_never_yield_found(data, flips):
     # Decoding to the original is impossible (distance >= 4 > 2); decoding to another code word
     # then passing version + check has probability 2^-24, so found must be False.
-    out = CODEC.decode(_logits(_corrupt(CODEC.encode(data), flips)))
+    out = HARD.decode(_logits(_corrupt(CODEC.encode(data), flips)))
     assert not out.found
     assert out.data is None
+    # Soft decoding may recover the original, but never reports another payload.
+    soft = CODEC.decode(_logits(_corrupt(CODEC.encode(data), flips)))
+    assert not soft.found or soft.data == data
+
+
+@given(data8, st.lists(st.integers(0, 15), min_size=3, max_size=4, unique=True), st.integers(0, 2**32 - 1))
+@settings(max_examples=200)
+def test_soft_decoding_recovers_weak_wrong_bytes(data, positions, seed):
+    """Up to 4 wrong bytes are recovered when their wrong bits are the least reliable ones."""
+    rng = np.random.default_rng(seed)
+    bits = CODEC.encode(data)
+    logits = _logits(bits) * rng.uniform(0.6, 1.0, CODE_BITS)
+    for pos in positions:
+        bit = pos * 8 + int(rng.integers(0, 8))
+        logits[bit] = -np.sign(logits[bit]) * 0.05
+    assert not HARD.decode(logits).found
+    out = CODEC.decode(logits)
+    assert out.found and out.data == data and out.bits_corrected == len(positions)
 
 
 @given(data8, st.integers(0, 2**32 - 1), st.floats(0.05, 0.6))
@@ -152,12 +171,14 @@ def test_soft_logits_with_noise(data, seed, sigma):
     hard = (logits > 0).astype(np.uint8)
     wrong_bytes = int(np.count_nonzero(np.packbits(hard) != np.packbits(bits)))
     wrong_bits = int(np.count_nonzero(hard != bits))
-    out = CODEC.decode(logits)
+    out = HARD.decode(logits)
     if wrong_bytes <= 2:
         assert out.found and out.data == data and out.bits_corrected == wrong_bits
         assert 0.0 < out.confidence <= 1.0
     else:
         assert not out.found
+    soft = CODEC.decode(logits)
+    assert soft.found if wrong_bytes <= 2 else (not soft.found or soft.data == data)
 
 
 def test_confidence_is_scale_invariant_and_falls_with_weak_or_wrong_bits():
@@ -191,9 +212,13 @@ def test_fixed_logit_scale_makes_weak_logits_low_confidence():
 
 def test_false_accept_bound_is_tiny_and_matches_formula():
     p = false_accept_bound()
-    sphere = 1 + 16 * 255 + math.comb(16, 2) * 255**2
-    assert p == pytest.approx(sphere / 256**5 / 256 / 2**16)
-    assert p < 1e-9
+    hard = (1 + 16 * 255 + math.comb(16, 2) * 255**2) / 256**5
+    # soft attempts: 1 erasure + 2 errors, 2 + 1, 3 + 1, 4 + 0 (punctured codes, disjoint spheres)
+    soft = ((1 + 15 * 255 + math.comb(15, 2) * 255**2) / 256**4 + (1 + 14 * 255) / 256**3
+            + (1 + 13 * 255) / 256**2 + 1 / 256)
+    assert p == pytest.approx((hard + soft) / 256 / 2**16)
+    assert p < 1e-8
+    assert HARD.decode(np.zeros(CODE_BITS)).found is False
 
 
 @pytest.mark.parametrize(
@@ -202,8 +227,9 @@ def test_false_accept_bound_is_tiny_and_matches_formula():
     ids=["all-zero-logits", "all-one", "all-zero-bits", "alternating"],
 )
 def test_flat_patterns_do_not_even_decode(pattern):
-    out = CODEC.decode(pattern)
+    out = HARD.decode(pattern)
     assert not out.found and out.bit_errors_raw is None
+    assert not CODEC.decode(pattern).found
 
 
 @pytest.mark.parametrize("fill", [0, 0xFF])
@@ -214,35 +240,38 @@ def test_constant_words_with_one_wrong_byte_do_not_decode(fill):
         for value in range(256):
             word = bytearray([fill] * 16)
             word[pos] = value
-            out = CODEC.decode(_logits(bytes_to_bits(bytes(word))))
+            out = HARD.decode(_logits(bytes_to_bits(bytes(word))))
             assert not out.found and out.bit_errors_raw is None, (pos, value)
 
 
-def _count_found(n: int, seed: int) -> tuple[int, int]:
+def _count_found(n: int, seed: int, codec: PayloadCodec = CODEC) -> tuple[int, int]:
     rng = np.random.default_rng(seed)
     found = rs_decoded = 0
     chunk = 10_000
     for start in range(0, n, chunk):
         for logits in rng.standard_normal((min(chunk, n - start), CODE_BITS)):
-            out = CODEC.decode(logits)
+            out = codec.decode(logits)
             found += out.found
             rs_decoded += out.bit_errors_raw is not None
     return found, rs_decoded
 
 
 def test_random_logits_are_never_found():
-    # 200k decodes take about 6-7 s with reedsolo's pure-Python decoder (about 32 us each).
-    found, rs_decoded = _count_found(200_000, seed=20240601)
+    # 200k errors-only decodes take about 6-7 s with reedsolo's pure-Python decoder (32 us each).
+    found, rs_decoded = _count_found(200_000, seed=20240601, codec=HARD)
     assert found == 0
     # RS alone accepts ~7.1e-6 of random words (expected 1.4 here); far more would mean a bug.
     assert rs_decoded <= 12
+    # Soft decoding tries five times per word; 20k words, none found.
+    assert _count_found(20_000, seed=7)[0] == 0
 
 
 @pytest.mark.slow
 def test_random_logits_are_never_found_million():
-    found, rs_decoded = _count_found(1_000_000, seed=99)
+    found, rs_decoded = _count_found(1_000_000, seed=99, codec=HARD)
     assert found == 0
     assert rs_decoded <= 25  # expected 7.1
+    assert _count_found(200_000, seed=98)[0] == 0  # soft decoding, expected 7e-4 found
 
 
 def test_decode_is_fast():
