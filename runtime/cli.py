@@ -1,0 +1,315 @@
+"""`medsec-edge`: the command line (typer). Results on stdout, logs on stderr.
+
+Layer: runtime. Workstation commands (train, export, eval) import their heavy dependencies
+inside the command body, so the device commands never load torch. Exit codes (DESIGN.md):
+0 ok, 1 verification failed, 2 usage, 3 bundle or backend error, 4 bad input file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import MedsecError, UsageError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True,
+                  help="Watermark, check and seal medical images where they are made.")
+train_app = typer.Typer(no_args_is_help=True, help="Train models (needs the 'train' extra).")
+export_app = typer.Typer(no_args_is_help=True, help="Export trained models to a signed bundle.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate against attacks and baselines.")
+app.add_typer(train_app, name="train")
+app.add_typer(export_app, name="export")
+app.add_typer(eval_app, name="eval")
+
+log = logging.getLogger("medsec_edge")
+
+BundleOpt = typer.Option(None, "--bundle", help="Model bundle (default: the repo's bundles/default).")
+KeyOpt = typer.Option(None, "--key", help="Watermark key file (default: $MEDSEC_EDGE_KEY or ~/.config/medsec-edge/watermark.key).")
+ThreadsOpt = typer.Option(None, "--threads", help="Inference threads (default: all cores).")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=_stderr(), show_path=False, show_time=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
+    # pydicom's own messages can quote element values (patient data): keep them out of logs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _fail(exc: MedsecError) -> None:
+    _stderr().print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.callback()
+def main_callback(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs on stderr.")) -> None:
+    _setup_logging(verbose)
+
+
+def _key(path: Optional[Path], create: bool):
+    from .keys import default_key_path, load_or_create_key
+
+    key_path = path or default_key_path()
+    if not create and not key_path.exists():
+        return None
+    return load_or_create_key(key_path, create=create)
+
+
+@app.command()
+def embed(
+    input: Path = typer.Argument(..., help="Image to watermark (DICOM, PNG, TIFF, JPEG, NPY)."),
+    output: Path = typer.Argument(..., help="Where to write the watermarked image (same format)."),
+    payload: Optional[str] = typer.Option(None, "--payload", help="16 hex digits instead of the identity MAC."),
+    bundle: Optional[Path] = BundleOpt,
+    key: Optional[Path] = KeyOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Watermark one image; the output keeps its format and (for DICOM) every attribute."""
+    from .payload import parse_payload_hex
+    from .pipeline import load_watermarker, watermark_file
+
+    try:
+        explicit = parse_payload_hex(payload) if payload is not None else None
+        wm_key = None if explicit is not None else _key(key, create=True)
+        watermarker, bndl = load_watermarker(bundle, threads=threads)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        record = watermark_file(input, output, watermarker, bndl, wm_key, explicit)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _print_records([record], as_json)
+    if record.status == "bad_input":
+        _stderr().print(f"[red]error:[/red] {record.reason}", highlight=False)
+        raise typer.Exit(4)
+    if record.status != "ok":
+        raise typer.Exit(1)
+
+
+@app.command()
+def extract(
+    inputs: list[Path] = typer.Argument(..., help="Images to read the watermark from."),
+    bundle: Optional[Path] = BundleOpt,
+    key: Optional[Path] = KeyOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input line."),
+) -> None:
+    """Read the watermark: found, payload, confidence, and whether it matches the image's identity."""
+    from .imageio import read_image
+    from .pipeline import identity_match, load_watermarker
+
+    try:
+        watermarker, _ = load_watermarker(bundle, threads=threads)
+        wm_key = _key(key, create=False)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    rows, worst = [], 0
+    for path in inputs:
+        try:
+            image = read_image(path)
+        except MedsecError as exc:
+            row = {"path": str(path), "found": False, "payload": None, "error": str(exc)}
+            worst = max(worst, exc.exit_code)
+        else:
+            ex = watermarker.extract(image)
+            row = {
+                "path": str(path), "image_id": image.meta.image_id, "found": ex.found,
+                "payload": ex.payload, "confidence": round(ex.confidence, 4),
+                "bits_corrected": ex.bits_corrected, "identity_match": identity_match(image, ex, wm_key),
+                "period_px": round(ex.period_px, 2), "angle_deg": round(ex.angle_deg, 2),
+                "latency_ms": round(ex.timings_ms.get("total_ms", 0.0), 2),
+            }
+            if not ex.found or row["identity_match"] is False:
+                worst = max(worst, 1)
+        rows.append(row)
+        if as_json:
+            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.flush()
+    if not as_json:
+        _table("extract", rows, ["path", "found", "payload", "confidence", "bits_corrected", "identity_match",
+                                 "latency_ms"])
+    if worst:
+        raise typer.Exit(worst)
+
+
+@app.command()
+def run(
+    inputs: list[Path] = typer.Argument(..., help="Files and folders of images."),
+    out: Path = typer.Option(..., "--out", help="Output folder (created; inputs are never modified)."),
+    payload: Optional[str] = typer.Option(None, "--payload", help="16 hex digits for every image instead of the identity MAC."),
+    bundle: Optional[Path] = BundleOpt,
+    key: Optional[Path] = KeyOpt,
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """The acquisition-time job: watermark and verify each image, write it and a report."""
+    from rich.progress import Progress
+
+    from .payload import parse_payload_hex
+    from .pipeline import collect_inputs, load_watermarker, percentiles, watermark_file
+
+    try:
+        explicit = parse_payload_hex(payload) if payload is not None else None
+        files = collect_inputs(inputs)
+        if not files:
+            raise UsageError("no image files found in the given inputs")
+        wm_key = None if explicit is not None else _key(key, create=True)
+        watermarker, bndl = load_watermarker(bundle, threads=threads)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    with Progress(console=_stderr(), transient=True) as progress:
+        task = progress.add_task("watermarking", total=len(files))
+        for path in files:
+            target = out / _relative_name(path, inputs)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            records.append(watermark_file(path, target, watermarker, bndl, wm_key, explicit))
+            progress.advance(task)
+    stages = sorted({k for r in records for k in r.latency_ms})
+    report = {
+        "bundle": bndl.manifest.name, "bundle_key_id": bndl.key_id,
+        "images": len(records),
+        "ok": sum(r.status == "ok" for r in records),
+        "verify_failed": sum(r.status == "verify_failed" for r in records),
+        "bad_input": sum(r.status == "bad_input" for r in records),
+        "budget_misses": sum(bool(r.budget_misses) for r in records),
+        "latency_ms": {s: percentiles([r.latency_ms[s] for r in records if s in r.latency_ms]) for s in stages},
+        "records": [r.to_dict() for r in records],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        _print_records(records, False)
+        _summary(report)
+    if report["bad_input"]:
+        raise typer.Exit(4)
+    if report["verify_failed"]:
+        raise typer.Exit(1)
+
+
+def _relative_name(path: Path, inputs: list[Path]) -> Path:
+    for root in inputs:
+        if root.is_dir():
+            try:
+                return path.relative_to(root)
+            except ValueError:
+                continue
+    return Path(path.name)
+
+
+def _print_records(records, as_json: bool) -> None:
+    if as_json:
+        for r in records:
+            sys.stdout.write(json.dumps(r.to_dict()) + "\n")
+        return
+    rows = [{"input": Path(r.input).name, "image": r.image_id, "status": r.status, "found": r.found,
+             "conf": r.confidence, "embed ms": r.latency_ms.get("embed"), "verify ms": r.latency_ms.get("verify"),
+             "budget": "; ".join(r.budget_misses) or "ok"} for r in records]
+    _table("images", rows, list(rows[0]) if rows else [])
+
+
+def _summary(report: dict) -> None:
+    rows = [{"stage": s, **v} for s, v in report["latency_ms"].items()]
+    _table(f"{report['ok']}/{report['images']} watermarked and verified "
+           f"({report['verify_failed']} failed, {report['bad_input']} bad input) - latency ms", rows,
+           ["stage", "p50", "p99", "n"])
+
+
+def _table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*["" if row.get(c) is None else str(row.get(c)) for c in columns])
+    Console().print(table)
+
+
+@train_app.command("watermark")
+def train_watermark(
+    out: Path = typer.Option(Path("runs/watermark"), "--out", help="Run folder: checkpoints, curves."),
+    steps: int = typer.Option(12000, "--steps"),
+    seed: int = typer.Option(1234, "--seed"),
+    batch: int = typer.Option(8, "--batch"),
+    width: int = typer.Option(12, "--width"),
+) -> None:
+    """Train the watermark networks (resumes from the run folder's checkpoint)."""
+    try:
+        from medsec_edge.train.cli_entry import main as train_main
+    except ImportError as exc:
+        _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
+        return
+    train_main(["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--batch", str(batch),
+                "--width", str(width)])
+
+
+@export_app.command("watermark")
+def export_watermark(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint (checkpoint.pt)."),
+    out: Path = typer.Option(Path("bundles/default"), "--out", help="Bundle directory to write."),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (PEM); created if missing."),
+    trusted_dir: Path = typer.Option(Path("bundles/trusted_keys"), "--trusted-dir", help="Where to put the public key."),
+    evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Evaluation JSON summary to include."),
+) -> None:
+    """Export to ONNX (checker + parity against torch) and write the signed bundle."""
+    try:
+        from medsec_edge.export.watermark_export import DEFAULT_SIGNING_KEY, build_bundle
+    except ImportError as exc:
+        _fail(MedsecError(f"export needs torch and onnx: pip install 'medsec-edge[export]' ({exc.name} missing)"))
+        return
+    summary = json.loads(evaluation.read_text()) if evaluation else None
+    build_bundle(checkpoint, out, signing_key=signing_key or DEFAULT_SIGNING_KEY, trusted_dir=trusted_dir,
+                 evaluation=summary)
+
+
+@eval_app.command("watermark")
+def eval_watermark(
+    images: list[Path] = typer.Option(..., "--images", help="Folders or files of held-out images."),
+    out: Path = typer.Option(Path("runs/eval-watermark"), "--out", help="Where to write JSON, markdown and the plot."),
+    trials: int = typer.Option(3, "--trials", help="Random trials (payloads, crop offsets, noise) per image and attack."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also measure the classical baselines."),
+    bundle: Optional[Path] = BundleOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Quality, robustness per attack, false detections and latency, with baselines beside."""
+    try:
+        from medsec_edge.evaluation.watermark_eval import run_watermark_eval
+    except ImportError as exc:
+        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
+        return
+    try:
+        run_watermark_eval(images, out, trials=trials, with_baselines=baselines, bundle_path=bundle,
+                           threads=threads, seed=seed)
+    except MedsecError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    try:
+        app()
+    except MedsecError as exc:  # errors raised outside a command body
+        _stderr().print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
