@@ -48,8 +48,15 @@ def _stderr():
     return Console(stderr=True)
 
 
+def _error(message: object) -> None:
+    """One line on stderr; the message is shown as is (no rich markup inside it)."""
+    from rich.markup import escape
+
+    _stderr().print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+
+
 def _fail(exc: MedsecError) -> None:
-    _stderr().print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+    _error(exc)
     raise typer.Exit(exc.exit_code)
 
 
@@ -92,7 +99,7 @@ def embed(
         return
     _print_records([record], as_json)
     if record.status == "bad_input":
-        _stderr().print(f"[red]error:[/red] {record.reason}", highlight=False)
+        _error(record.reason)
         raise typer.Exit(4)
     if record.status != "ok":
         raise typer.Exit(1)
@@ -307,7 +314,7 @@ def main() -> None:
     try:
         app()
     except MedsecError as exc:  # errors raised outside a command body
-        _stderr().print(f"[red]error:[/red] {exc}", highlight=False)
+        _error(exc)
         sys.exit(exc.exit_code)
 
 
