@@ -22,10 +22,11 @@ Decisions (documented here because the numbers in every report depend on them):
 
 - JPEG q90/75/50: window to 8 bits (round), then PIL JPEG at that quality (PIL's default 4:2:0
   chroma subsampling for RGB, as an exporter would use) -> display8.
-- JPEG 2000 10:1 and 20:1: lossy (9/7) OpenJPEG at native depth. The codec is told the true
-  precision (BitsStored, or more bits if the data exceed it) and its compression ratio is relative
-  to that precision: 10:1 on 12-bit data is 1.2 bit/pixel, not 1.6. This is the harsher of the two
-  readings (relative to BitsAllocated would be 13.3:1 for 12-in-16 data). Frames OpenJPEG refuses
+- JPEG 2000 10:1 and 20:1: lossy (9/7) OpenJPEG at native depth. The ratio is DICOM's Lossy
+  Image Compression Ratio (0028,2112): uncompressed size (BitsAllocated per sample) over
+  compressed size, so 10:1 on 12-in-16-bit data is 1.6 bit/pixel. The codec is told the true
+  precision (BitsStored, or more bits if the data exceed it) and its own ratio, which counts that
+  precision, is scaled to match (12-in-16 at 10:1 is the codec's 7.5:1). Frames OpenJPEG refuses
   (float NPY data) fall back to JPEG 2000 of the 8-bit display -> display8, with a ``note`` saying
   so and a log line. Frames smaller than 64 px a side are edge-padded for the codec (its 6 DWT
   levels need the room) and cropped back.
@@ -211,13 +212,15 @@ def _precision(frame: np.ndarray, value_range: tuple[float, float] | None) -> in
 
 
 def j2k(frame, window, rng, *, ratio: float, value_range=None) -> AttackedFrame:
-    """Lossy JPEG 2000 at native depth, compression ratio relative to the true precision."""
+    """Lossy JPEG 2000 at native depth; ``ratio`` counts the stored container (BitsAllocated)."""
     frame = _check_frame(frame)
     colour = _is_colour(frame)
     data = frame[..., :3] if colour else frame
     if frame.dtype.kind in "ui" and frame.dtype.itemsize <= 2:
         try:
-            decoded = _j2k_roundtrip(data, ratio, _precision(frame, value_range), colour)
+            precision = _precision(frame, value_range)
+            codec_ratio = max(1.0, ratio * precision / (frame.dtype.itemsize * 8))
+            decoded = _j2k_roundtrip(data, codec_ratio, precision, colour)
             return AttackedFrame(_to_stored(decoded, frame, value_range), "stored")
         except (RuntimeError, ValueError) as exc:
             reason = f"OpenJPEG refused {frame.dtype} data ({exc})"
