@@ -293,6 +293,7 @@ def eval_watermark(
     out: Path = typer.Option(Path("runs/eval-watermark"), "--out", help="Where to write JSON, markdown and the plot."),
     trials: int = typer.Option(3, "--trials", help="Random trials (payloads, crop offsets, noise) per image and attack."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also measure the classical baselines."),
+    baseline_trials: Optional[int] = typer.Option(None, "--baseline-trials", help="Trials for the (slow) baselines; default: --trials."),
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
     seed: int = typer.Option(0, "--seed"),
@@ -305,7 +306,7 @@ def eval_watermark(
         return
     try:
         run_watermark_eval(images, out, trials=trials, with_baselines=baselines, bundle_path=bundle,
-                           threads=threads, seed=seed)
+                           threads=threads, seed=seed, baseline_trials=baseline_trials)
     except MedsecError as exc:
         _fail(exc)
 
