@@ -253,7 +253,7 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> None:
 @train_app.command("watermark")
 def train_watermark(
     out: Path = typer.Option(Path("runs/watermark"), "--out", help="Run folder: checkpoints, curves."),
-    steps: int = typer.Option(12000, "--steps"),
+    steps: int = typer.Option(14000, "--steps"),
     seed: int = typer.Option(1234, "--seed"),
     batch: int = typer.Option(8, "--batch"),
     width: int = typer.Option(12, "--width"),

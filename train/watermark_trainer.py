@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 12000
-    batch: int = 12
-    crop: int = 160  # training canvas at working resolution, a multiple of TILE
+    steps: int = 14000
+    batch: int = 8
+    crop: int = 128  # training canvas at working resolution, a multiple of TILE
     lr: float = 2e-3
     seed: int = 1234
-    width: int = 16
+    width: int = 12
     psnr_start_db: float = 30.0
     psnr_target_db: float = 42.5
     psnr_jitter_db: float = 2.0
