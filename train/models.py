@@ -30,15 +30,16 @@ class MessageEncoder(nn.Module):
     def forward(self, bits_pm1: torch.Tensor) -> torch.Tensor:
         tile = (bits_pm1 @ self.basis).view(-1, 1, self.tile, self.tile)
         tile = tile - tile.mean(dim=(2, 3), keepdim=True)
-        return tile / (tile.pow(2).mean(dim=(2, 3), keepdim=True).sqrt() + 1e-6)
+        return tile / (tile.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-12).sqrt()
 
 
 def _highpass(x: torch.Tensor) -> torch.Tensor:
     """Image minus its 5x5 local mean, normalised by the image's own RMS: the decoder then sees
     the same thing whatever window, gain or offset the image went through."""
     hp = x - F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
-    rms = hp.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
-    return hp / (rms + 1e-3)
+    # eps inside the root: sqrt'(0) is infinite, and a flat crop would turn gradients into NaN
+    rms = (hp.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
+    return hp / rms
 
 
 class StrengthEncoder(nn.Module):
@@ -96,7 +97,7 @@ class Readout(nn.Module):
     def forward(self, folded: torch.Tensor) -> torch.Tensor:
         folded = folded.view(folded.shape[0], TILE * TILE)
         folded = folded - folded.mean(dim=1, keepdim=True)
-        folded = folded / (folded.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+        folded = folded / (folded.pow(2).mean(dim=1, keepdim=True) + 1e-12).sqrt()
         pats = self.patterns.view(self.patterns.shape[0], -1)
         pats = pats / (pats.norm(dim=1, keepdim=True) + 1e-6)
         return self.gain * (folded @ pats.t()) * (TILE * TILE / CODE_BITS) ** 0.5
@@ -134,5 +135,5 @@ class WatermarkNet(nn.Module):
         tile = self.message(bits_pm1)
         pattern = tile_over(tile, image.shape[2], image.shape[3])
         res = self.strength(image) * pattern
-        norm = res.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-8
+        norm = (res.pow(2).mean(dim=(1, 2, 3), keepdim=True) + 1e-16).sqrt()
         return res * (rms.view(-1, 1, 1, 1) / norm)

@@ -110,6 +110,8 @@ class WatermarkTrainer:
         return self.out / "checkpoint.pt"
 
     def save(self) -> None:
+        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
+            raise RuntimeError(f"non-finite weights at step {self.step}: not overwriting the checkpoint")
         state = {
             "config": asdict(self.cfg), "command": self.command, "step": self.step, "net": self.net.state_dict(),
             "opt": self.opt.state_dict(), "history": self.history,
@@ -176,15 +178,19 @@ class WatermarkTrainer:
         loss = bce + cfg.ssim_weight * ssim_loss * min(1.0, self.step / 1000)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
-        self.opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
+        # A batch that produced a non-finite loss or gradient is skipped, never applied: one
+        # such step turns every weight into NaN (and the next checkpoint with them).
+        skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if not skipped:
+            self.opt.step()
         with torch.no_grad():
             acc = ((logits > 0).float() == bits01).float().mean().item()
             mse = (marked - x).pow(2).mean(dim=(1, 2, 3))
             psnr_real = (10 * torch.log10(1 / mse.clamp_min(1e-12))).mean().item()
         return {"step": self.step, "loss": loss.item(), "bce": bce.item(), "bit_acc": acc,
                 "psnr": psnr_real, "ssim": 1 - ssim_loss.item(), "target_psnr": target, "ramp": ramp,
-                "attack": kind}
+                "attack": kind, "skipped": float(skipped)}
 
     def set_lr(self) -> None:
         progress = self.step / self.cfg.steps
@@ -209,8 +215,9 @@ class WatermarkTrainer:
             self.step += 1
             recent.append(rec)
             if self.step % 50 == 0:
-                summary = {k: float(np.mean([r[k] for r in recent])) for k in
+                summary = {k: float(np.nanmean([r[k] for r in recent])) for k in
                            ("loss", "bce", "bit_acc", "psnr", "ssim", "target_psnr", "ramp")}
+                summary["skipped"] = float(sum(r["skipped"] for r in recent))
                 summary["step"] = self.step
                 summary["elapsed_s"] = time.time() - started
                 self.history.append(summary)
