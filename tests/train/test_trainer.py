@@ -71,3 +71,12 @@ def test_resume_continues_exactly(tmp_path):
     for (name, p1), (_, p2) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
         assert torch.allclose(p1, p2, atol=1e-6), name
     assert (tmp_path / "a" / "training_curves.png").stat().st_size > 1000
+
+
+def test_flat_saturated_crop_keeps_gradients_finite():
+    """A crop with nothing to hide energy in (all black) once turned every weight into NaN."""
+    net = WatermarkNet(width=4)
+    x = torch.zeros(2, 1, 64, 64)
+    res = net.residual(x, torch.sign(torch.randn(2, 128)), torch.tensor([0.01, 0.01]))
+    (res.sum() + net.decoder(x).sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
