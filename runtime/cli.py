@@ -289,7 +289,8 @@ def export_watermark(
 
 @eval_app.command("watermark")
 def eval_watermark(
-    images: list[Path] = typer.Option(..., "--images", help="Folders or files of held-out images."),
+    images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
+    pydicom_data: bool = typer.Option(False, "--pydicom-data", help="Add the held-out images of the pydicom-data package."),
     out: Path = typer.Option(Path("runs/eval-watermark"), "--out", help="Where to write JSON, markdown and the plot."),
     trials: int = typer.Option(3, "--trials", help="Random trials (payloads, crop offsets, noise) per image and attack."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also measure the classical baselines."),
@@ -303,6 +304,16 @@ def eval_watermark(
         from medsec_edge.evaluation.watermark_eval import run_watermark_eval
     except ImportError as exc:
         _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
+        return
+    if pydicom_data:
+        try:
+            import data_store  # the pydicom-data package
+        except ImportError:
+            _fail(UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'"))
+            return
+        images = [*images, Path(data_store.__file__).parent / "data"]
+    if not images:
+        _fail(UsageError("give --images DIR (repeatable) or --pydicom-data"))
         return
     try:
         run_watermark_eval(images, out, trials=trials, with_baselines=baselines, bundle_path=bundle,
