@@ -253,7 +253,8 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> None:
 @train_app.command("watermark")
 def train_watermark(
     out: Path = typer.Option(Path("runs/watermark"), "--out", help="Run folder: checkpoints, curves."),
-    steps: int = typer.Option(14000, "--steps"),
+    steps: int = typer.Option(3600, "--steps"),
+    until: Optional[int] = typer.Option(None, "--until", help="Stop at this step (the schedule still spans --steps)."),
     seed: int = typer.Option(1234, "--seed"),
     batch: int = typer.Option(8, "--batch"),
     width: int = typer.Option(12, "--width"),
@@ -264,8 +265,9 @@ def train_watermark(
     except ImportError as exc:
         _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
         return
-    train_main(["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--batch", str(batch),
-                "--width", str(width)])
+    argv = ["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--batch", str(batch),
+            "--width", str(width)]
+    train_main(argv + (["--until", str(until)] if until is not None else []))
 
 
 @export_app.command("watermark")

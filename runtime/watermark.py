@@ -32,7 +32,7 @@ MAX_FRAMES_READ = 16  # frames pooled by the extractor (evenly spaced through th
 # Tile periods the lattice search considers, in working pixels: from a 0.4x downscale to a
 # crop of a quarter of the image read at the factor of the smaller size (2x), with margin.
 MIN_PERIOD, MAX_PERIOD = TILE / 2.6, TILE * 2.6
-MAX_LATTICES = 3  # decode attempts after the nominal one (each is a few ms)
+MAX_LATTICES = 6  # lattice candidates decoded per working resolution (each try is a few ms)
 
 
 class WatermarkModels(Protocol):
@@ -167,23 +167,29 @@ class Watermarker:
         lattice, lattice_factor = NOMINAL, factor
         if not decoded.found:
             t1 = time.perf_counter()
-            lattices = estimate_lattices(signals[0], MIN_PERIOD, MAX_PERIOD)
-            # A downscaled image shows the tile smaller than it was made; the decoder reads it
-            # better at a finer working resolution (more pixels per tile), so step down.
-            if lattices and lattices[0].period < 0.8 * TILE and factor > 1:
-                finer = max(1, int(factor * lattices[0].period / TILE))
-                if finer < factor:
-                    factor = finer
-                    signals = self._signals(image, frames, factor)
-                    lattices = estimate_lattices(signals[0], MIN_PERIOD, MAX_PERIOD)
+            tried = {factor}
+            queue: list[tuple[int, list[np.ndarray] | None]] = [(factor, signals)]
+            while queue and not decoded.found:
+                level, level_signals = queue.pop(0)
+                if level_signals is None:
+                    level_signals = self._signals(image, frames, level)
+                lattices = estimate_lattices(level_signals[0], MIN_PERIOD, MAX_PERIOD, MAX_LATTICES)
+                # Autocorrelation peaks also come from structure inside the tile or the image;
+                # the check value decides which lattice is the tile's (each try is a few ms).
+                for candidate in lattices:
+                    result = self._decode(level_signals, candidate)
+                    if result[0].found or result[2] > best_energy:
+                        decoded, logits, best_energy = result
+                        lattice, lattice_factor = candidate, level
+                    if decoded.found:
+                        break
+                    # A downscaled image shows the tile smaller than it was made; the decoder
+                    # reads it better at a finer working resolution, so queue that level once.
+                    finer = max(1, int(level * candidate.period / TILE))
+                    if candidate.period < 0.8 * TILE and finer not in tried and len(tried) < 3:
+                        tried.add(finer)
+                        queue.append((finer, None))
             timings["search_ms"] = (time.perf_counter() - t1) * 1e3
-            for candidate in lattices[:MAX_LATTICES]:
-                result = self._decode(signals, candidate)
-                if result[0].found or result[2] > best_energy:
-                    decoded, logits, best_energy = result
-                    lattice, lattice_factor = candidate, factor
-                if decoded.found:
-                    break
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return Extraction(
             found=decoded.found,

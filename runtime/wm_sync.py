@@ -141,14 +141,10 @@ def estimate_lattices(signal: np.ndarray, min_period: float, max_period: float,
             candidates.append(lattice)
         if len(candidates) >= max_candidates:
             break
-    # A lattice's multiples (2x period) and diagonals (sqrt 2) peak too, sometimes higher than
-    # the lattice itself: of the strong candidates, the one with the smallest cell is the tile.
-    if not candidates:
-        return []
-    top = max(lat.strength for lat in candidates)
-    strong = sorted((lat for lat in candidates if lat.strength >= 0.5 * top), key=lambda lat: lat.period)
-    weak = sorted((lat for lat in candidates if lat.strength < 0.5 * top), key=lambda lat: -lat.strength)
-    return strong + weak
+    # Strongest first. A lattice's multiples and diagonals peak too, and so can structure inside
+    # the tile: callers try several candidates and let the payload's check value decide.
+    candidates.sort(key=lambda lat: -lat.strength)
+    return candidates
 
 
 def _refine(ac: np.ndarray, basis: np.ndarray, cy: int, cx: int) -> Lattice | None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 14000
+    steps: int = 3600
     batch: int = 8
     crop: int = 128  # training canvas at working resolution, a multiple of TILE
     lr: float = 2e-3
@@ -150,9 +150,9 @@ class WatermarkTrainer:
         marked = (x + residual).clamp(0, 1)
         # Geometry: the runtime estimates rotation and scale from the tile lattice and undoes
         # them on the signal map, leaving a small error; the decoder must also see the tile at
-        # 0.65x-2x its nominal period, and any crop offset.
+        # 0.7x-1.45x its nominal period, and any crop offset.
         angle = torch.from_numpy(self.rng.uniform(-1.5, 1.5, b).astype(np.float32)) * ramp
-        scale = torch.from_numpy(np.exp(self.rng.uniform(np.log(0.65), np.log(2.0), b)).astype(np.float32))
+        scale = torch.from_numpy(np.exp(self.rng.uniform(np.log(0.7), np.log(1.45), b)).astype(np.float32))
         scale = 1 + (scale - 1) * ramp
         shift = torch.from_numpy(self.rng.uniform(0, TILE, (b, 2)).astype(np.float32))
         fwd, inv = A.affine_matrices(angle, scale, shift)

@@ -88,11 +88,12 @@ def test_lattice_estimate_recovers_rotation_and_scale(angle, scale):
     tile = _random_tile(4)
     noise = np.random.default_rng(5).standard_normal((256, 256)).astype(np.float32)
     sig = _render(tile, 256, 256, angle, scale, shift=(7.3, 11.1)) + 0.5 * noise
-    lattices = S.estimate_lattices(sig, TILE / 2.6, TILE * 2.6)
+    lattices = S.estimate_lattices(sig, TILE / 2.6, TILE * 2.6, max_candidates=6)
     assert lattices, "no lattice found"
-    best = lattices[0]
-    assert best.period == pytest.approx(TILE * scale, rel=0.01)
-    assert best.angle_deg == pytest.approx(angle, abs=0.3)
+    # the tile's own lattice is among the candidates (the extractor lets the check value choose)
+    match = [lat for lat in lattices if abs(lat.period - TILE * scale) < 0.01 * TILE * scale]
+    assert match, [(lat.period, lat.angle_deg) for lat in lattices]
+    assert match[0].angle_deg == pytest.approx(angle, abs=0.3)
 
 
 def test_no_lattice_in_white_noise_is_weak():
