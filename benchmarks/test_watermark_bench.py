@@ -25,7 +25,7 @@ def _display_u8(image) -> np.ndarray:
 def dwtdct():
     from medsec_edge.evaluation.baselines import BASELINES
 
-    peer = BASELINES["dwtDct"]
+    peer = BASELINES["dwtDct"]()
     if not peer.is_available():
         pytest.skip("invisible-watermark is not installed (pip install 'medsec-edge[baselines]')")
     return peer

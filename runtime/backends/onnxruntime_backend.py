@@ -134,6 +134,11 @@ class OnnxRuntimeBackend(Backend):
         sess_options = ort.SessionOptions()
         sess_options.intra_op_num_threads = threads
         sess_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle worker threads would otherwise spin after each run and take the cores from the
+        # numpy work between model calls (measured on 2 cores: embed 512x512 median 21 -> see
+        # the benchmarks); set MEDSEC_EDGE_ORT_SPIN=1 to restore ONNX Runtime's default.
+        if os.environ.get("MEDSEC_EDGE_ORT_SPIN", "") != "1":
+            sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         source = str(artifact) if isinstance(artifact, (str, Path)) else bytes(artifact)
         try:
