@@ -39,24 +39,10 @@ def _load_net(checkpoint: Path):
 
 
 def _wrappers(net):
+    """Each exported model: (module, input name, output name). The two CNNs export as they are;
+    the message and readout layers as a plain matrix product (their normalisation stays numpy)."""
     import torch
     from torch import nn
-
-    class Strength(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = net.strength
-
-        def forward(self, image):
-            return self.m(image)
-
-    class Decoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = net.decoder
-
-        def forward(self, image):
-            return self.m(image)
 
     class Linear(nn.Module):
         def __init__(self, weight):
@@ -67,8 +53,8 @@ def _wrappers(net):
             return torch.matmul(bits, self.w)
 
     return {
-        "wm_strength": (Strength(), "image", "strength"),
-        "wm_decoder": (Decoder(), "image", "signal"),
+        "wm_strength": (net.strength, "image", "strength"),
+        "wm_decoder": (net.decoder, "image", "signal"),
         "wm_message": (Linear(net.message.basis), "bits", "tile"),
         "wm_readout": (Linear(net.readout.patterns), "bits", "tile"),
     }
