@@ -8,6 +8,7 @@ export (8-bit PNG/JPEG of the display, MONOCHROME1 shown inverted).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -185,7 +186,9 @@ class Watermarker:
                         break
                     # A downscaled image shows the tile smaller than it was made; the decoder
                     # reads it better at a finer working resolution, so queue that level once.
-                    finer = max(1, int(level * candidate.period / TILE))
+                    # (never below 0.4x the level: spurious short periods would otherwise send a
+                    # 2k radiograph through the network at full resolution, seconds for nothing)
+                    finer = max(1, int(level * candidate.period / TILE), math.ceil(0.4 * level))
                     if candidate.period < 0.8 * TILE and finer not in tried and len(tried) < 3:
                         tried.add(finer)
                         queue.append((finer, None))
