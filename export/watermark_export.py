@@ -71,8 +71,8 @@ def _real_inputs() -> list[np.ndarray]:
     return out
 
 
-def export_onnx(checkpoint: Path, out_dir: Path) -> tuple[dict[str, Path], dict[str, float], dict]:
-    """Write the four ONNX files; return their paths, parity errors, and the checkpoint state."""
+def export_onnx(checkpoint: Path, out_dir: Path) -> tuple[dict[str, Path], dict[str, float], dict, object]:
+    """Write the four ONNX files; return their paths, parity errors, the checkpoint state and net."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -107,10 +107,10 @@ def export_onnx(checkpoint: Path, out_dir: Path) -> tuple[dict[str, Path], dict[
         parity[name] = worst
         paths[name] = path
         log.info("%s: onnx.checker ok, parity max abs error %.2e", name, worst)
-    return paths, parity, state
+    return paths, parity, state, net
 
 
-def _spec(name: str, in_name: str, out_name: str) -> tuple[list, list]:
+def _spec(in_name: str, out_name: str) -> tuple[list, list]:
     if in_name == "image":
         return ([{"name": in_name, "dtype": "float32", "shape": [1, 1, "height", "width"]}],
                 [{"name": out_name, "dtype": "float32", "shape": [1, 1, "height", "width"]}])
@@ -126,13 +126,12 @@ def build_bundle(checkpoint: Path, bundle_dir: Path, *, signing_key: Path = DEFA
         generate_signing_key(signing_key, signing_key.with_suffix(".pub"))
     private = load_signing_key(signing_key)
     with tempfile.TemporaryDirectory() as tmp:
-        paths, parity, state = export_onnx(checkpoint, Path(tmp))
+        paths, parity, state, net = export_onnx(checkpoint, Path(tmp))
         wrappers = {"wm_strength": ("image", "strength"), "wm_decoder": ("image", "signal"),
                     "wm_message": ("bits", "tile"), "wm_readout": ("bits", "tile")}
-        net, _ = _load_net(checkpoint)
         models = {}
         for name, (in_name, out_name) in wrappers.items():
-            inputs, outputs = _spec(name, in_name, out_name)
+            inputs, outputs = _spec(in_name, out_name)
             norm = {"image": "display values / 255 at working resolution"} if in_name == "image" else {}
             if name == "wm_readout":
                 norm = {"gain": float(net.readout.gain.detach())}

@@ -549,6 +549,20 @@ def _verify_signature(
     )
 
 
+def _read_verified(source: _TarSource | _DirectorySource, entry: ModelEntry, where: str) -> bytes:
+    """A model file's bytes, refused unless they hash to what the signed manifest says."""
+    data = source.read(entry.file)
+    if data is None:
+        raise BundleError(f"bundle {where}: model {entry.name!r} file {entry.file!r} is missing")
+    found = hashlib.sha256(data).hexdigest()
+    if found != entry.sha256:
+        raise BundleError(
+            f"bundle {where}: model {entry.name!r} file {entry.file!r} has sha256 {_short(found)}, "
+            f"the signed manifest expects {_short(entry.sha256)}: the file was modified or corrupted"
+        )
+    return data
+
+
 class Bundle:
     """A verified bundle. Model bytes are re-hashed each time they are handed out."""
 
@@ -586,17 +600,7 @@ class Bundle:
 
     def model_bytes(self, name: str) -> bytes:
         """The model file's bytes, checked against the signed sha256 again."""
-        entry = self.model(name)
-        data = self._source.read(entry.file)
-        if data is None:
-            raise BundleError(f"bundle {self.path}: model {name!r} file {entry.file!r} is missing")
-        found = hashlib.sha256(data).hexdigest()
-        if found != entry.sha256:
-            raise BundleError(
-                f"bundle {self.path}: model {name!r} file {entry.file!r} has sha256 {_short(found)}, "
-                f"the signed manifest expects {_short(entry.sha256)}: the file was modified or corrupted"
-            )
-        return data
+        return _read_verified(self._source, self.model(name), str(self.path))
 
     def session(
         self,
@@ -703,15 +707,7 @@ def open_bundle(
     manifest = Manifest.from_dict(raw)
 
     for entry in manifest.models.values():
-        data = source.read(entry.file)
-        if data is None:
-            raise BundleError(f"bundle {where}: model {entry.name!r} file {entry.file!r} is missing")
-        found = hashlib.sha256(data).hexdigest()
-        if found != entry.sha256:
-            raise BundleError(
-                f"bundle {where}: model {entry.name!r} file {entry.file!r} has sha256 {_short(found)}, "
-                f"the signed manifest expects {_short(entry.sha256)}: the file was modified or corrupted"
-            )
+        _read_verified(source, entry, where)
 
     compatibility: dict[str, str | None] = {}
     if check_compatibility:
