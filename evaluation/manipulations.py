@@ -255,9 +255,22 @@ def _paste(
     return _finish(frame, f, box, alpha, patch, value_range, kind)
 
 
-def copy_move(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
-    """Copy a patch (16-64 px) elsewhere in the frame, optionally rotated/scaled, feathered."""
+def copy_move(
+    frame: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    value_range: tuple[float, float],
+    neighbour: np.ndarray | None = None,
+) -> Manipulation:
+    """Copy a patch (16-64 px) elsewhere in the frame, optionally rotated/scaled, feathered.
+
+    With ``neighbour`` (an adjacent frame of the same series, same shape) the patch is read from
+    that frame instead, as when a finding is copied from the next slice.
+    """
     f = _check(frame, value_range)
+    if neighbour is not None and np.shape(neighbour) != f.shape:
+        raise UsageError(f"copy_move neighbour must have the frame's shape {f.shape}, got {np.shape(neighbour)}")
+    source = f if neighbour is None else np.asarray(neighbour, dtype=np.float64)
     valid = _valid_sites(f, value_range)
     s = _patch_size(f.shape, rng, "copy_move")
     angle = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.5 else 0.0
@@ -276,7 +289,7 @@ def copy_move(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple
     t = math.radians(angle)
     iy = sy + (math.cos(t) * oy - math.sin(t) * ox) / scale
     ix = sx + (math.sin(t) * oy + math.cos(t) * ox) / scale
-    patch = ndimage.map_coordinates(f, [iy, ix], order=1, mode="nearest")
+    patch = ndimage.map_coordinates(source, [iy, ix], order=1, mode="nearest")
     return _paste(frame, f, patch, cy, cx, value_range, "copy_move")
 
 
@@ -374,6 +387,20 @@ def local_sharpen(frame: np.ndarray, rng: np.random.Generator, *, value_range: t
     return _finish(frame, f, box, alpha, new_box, value_range, "local_sharpen")
 
 
+def grow_structure(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
+    """Grow a structure locally: grey dilation (bright ones) or erosion (dark ones), 3-7 px,
+    inside a feathered ellipse placed on an edge, so a vessel, nodule or bone edge gets bigger."""
+    f = _check(frame, value_range)
+    valid = _valid_sites(f, value_range)
+    grad = ndimage.gaussian_gradient_magnitude(f, 1.5, mode="reflect")
+    edges = valid & (grad >= np.percentile(grad[valid], 75.0)) if valid.any() else valid
+    cy, cx, ext, box, alpha = _ellipse_site(f, edges if edges.any() else valid, rng, "grow_structure")
+    size = int(rng.choice([3, 5, 7]))
+    op = ndimage.grey_dilation if rng.random() < 0.5 else ndimage.grey_erosion
+    new_box = _filtered_box(f, cy, cx, ext, box, lambda r: op(r, size=(size, size)), size)
+    return _finish(frame, f, box, alpha, new_box, value_range, "grow_structure")
+
+
 MANIPULATIONS: dict[str, Callable[..., Manipulation]] = {
     "inject_lesion": inject_lesion,
     "remove_lesion": remove_lesion,
@@ -382,6 +409,7 @@ MANIPULATIONS: dict[str, Callable[..., Manipulation]] = {
     "local_contrast": local_contrast,
     "local_blur": local_blur,
     "local_sharpen": local_sharpen,
+    "grow_structure": grow_structure,
 }
 
 
@@ -392,11 +420,18 @@ def manipulate(
     *,
     value_range: tuple[float, float],
     donor: np.ndarray | None = None,
+    neighbour: np.ndarray | None = None,
 ) -> Manipulation:
-    """Apply the manipulation named ``kind`` (a key of :data:`MANIPULATIONS`)."""
+    """Apply the manipulation named ``kind`` (a key of :data:`MANIPULATIONS`).
+
+    ``donor`` is the other image ``splice`` takes from; ``neighbour`` the adjacent frame
+    ``copy_move`` may take from (ignored by the other kinds).
+    """
     fn = MANIPULATIONS.get(kind)
     if fn is None:
         raise UsageError(f"unknown manipulation {kind!r}: expected one of {', '.join(MANIPULATIONS)}")
     if kind == "splice":
         return fn(frame, rng, value_range=value_range, donor=donor)
+    if kind == "copy_move":
+        return fn(frame, rng, value_range=value_range, neighbour=neighbour)
     return fn(frame, rng, value_range=value_range)
