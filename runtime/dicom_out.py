@@ -34,6 +34,10 @@ PRIVATE_GROUP = 0x0011
 PRIVATE_CREATOR = "MEDSEC_EDGE 1"
 RECORD_ELEMENT = 0x01  # UT: json.dumps(record, sort_keys=True)
 SOURCE_UID_ELEMENT = 0x02  # UI: SOP Instance UID of the first source (survives repeated writes)
+# Elements of the same block owned by the cryptographic layer (one allocation, kept here):
+SEAL_ELEMENT = 0x10  # UT: seal record JSON (seal.py)
+ENCRYPTED_ELEMENT = 0x20  # OB: AES-256-GCM blob of the original file (encryption.py)
+WRAPPED_KEY_ELEMENT = 0x21  # UT: JSON of the study data key wrapped for a recipient
 DEFAULT_DESCRIPTION = "Processed by medsec-edge"
 _MAX_DERIVATION = 1024  # ST value length limit
 

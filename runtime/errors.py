@@ -47,3 +47,13 @@ class BackendUnavailableError(MedsecError):
     """An inference backend cannot run here; the message names the extra to install."""
 
     exit_code = 3
+
+
+class DecryptionError(MedsecError):
+    """Encrypted data cannot be opened: wrong key, or the data or what it is bound to changed.
+
+    Exit code 1, like a failed verification: authenticated encryption failing is a tamper (or
+    wrong key) result the user must see, not a crash. Messages name key ids, never keys.
+    """
+
+    exit_code = 1
