@@ -60,7 +60,10 @@ class _Batches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         torch.set_num_threads(1)
-        for step in range(self.start, self.stop):
+        # With several workers each takes every n-th step; the loader interleaves them in order.
+        info = torch.utils.data.get_worker_info()
+        first, every = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(self.start + first, self.stop, every):
             items = [self.samples.sample(step * self.batch + i) for i in range(self.batch)]
             x = torch.from_numpy(np.stack([it[0] for it in items])[:, None])
             m = torch.from_numpy(np.stack([it[1] for it in items])[:, None])
@@ -105,7 +108,7 @@ def tamper_loss(logits, score, mask, label, cfg: TamperConfig) -> tuple[torch.Te
         dice = logits.sum() * 0
     img = F.binary_cross_entropy_with_logits(score[:, 0], label)
     loss = pix + cfg.dice_weight * dice + cfg.image_weight * img
-    return loss, {"pix": float(pix), "dice": float(dice), "img": float(img)}
+    return loss, {"pix": pix.item(), "dice": dice.item(), "img": img.item()}
 
 
 class TamperTrainer:

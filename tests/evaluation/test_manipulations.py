@@ -14,7 +14,7 @@ from medsec_edge.evaluation.manipulations import (
 )
 from medsec_edge.runtime.errors import UsageError
 
-NAMES = ["inject_lesion", "remove_lesion", "copy_move", "splice", "local_contrast", "local_blur", "local_sharpen"]
+NAMES = ["inject_lesion", "remove_lesion", "copy_move", "splice", "local_contrast", "local_blur", "local_sharpen", "grow_structure"]
 
 
 def _phantom(rng, lo, hi, dtype, background=None):
