@@ -52,7 +52,7 @@ def _error(message: object) -> None:
     """One line on stderr; the message is shown as is (no rich markup inside it)."""
     from rich.markup import escape
 
-    _stderr().print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+    _stderr().print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _fail(exc: MedsecError) -> None:
@@ -160,13 +160,19 @@ def run(
     bundle: Optional[Path] = BundleOpt,
     key: Optional[Path] = KeyOpt,
     threads: Optional[int] = ThreadsOpt,
+    operating_point: Optional[str] = typer.Option(None, "--operating-point",
+                                                  help="Tamper-check threshold set: fpr1 (default) or fpr0.1."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """The acquisition-time job: watermark and verify each image, write it and a report."""
+    """The acquisition-time job: check, watermark and verify each image, write it and a report.
+
+    Images the tamper check flags are not watermarked: they are copied to OUT/tampered/ with a
+    .reason.json beside each."""
     from rich.progress import Progress
 
     from .payload import parse_payload_hex
     from .pipeline import collect_inputs, load_watermarker, percentiles, watermark_file
+    from .tamper import MODEL_NAME, TamperChecker
 
     try:
         explicit = parse_payload_hex(payload) if payload is not None else None
@@ -175,23 +181,34 @@ def run(
             raise UsageError("no image files found in the given inputs")
         wm_key = None if explicit is not None else _key(key, create=True)
         watermarker, bndl = load_watermarker(bundle, threads=threads)
+        checker, check_note = None, "skipped: the bundle has no tamper_detector model"
+        if MODEL_NAME in bndl.manifest.models:
+            checker = TamperChecker.from_bundle(bndl, watermarker=watermarker, key=wm_key, threads=threads)
+            checker.operating_point(operating_point)
+            check_note = checker.operating_point(operating_point).name
+        else:
+            log.warning("tamper check %s", check_note)
     except MedsecError as exc:
         _fail(exc)
         return
     out.mkdir(parents=True, exist_ok=True)
     records = []
     with Progress(console=_stderr(), transient=True) as progress:
-        task = progress.add_task("watermarking", total=len(files))
+        task = progress.add_task("checking and watermarking", total=len(files))
         for path in files:
-            target = out / _relative_name(path, inputs)
+            name = _relative_name(path, inputs)
+            target = out / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            records.append(watermark_file(path, target, watermarker, bndl, wm_key, explicit))
+            records.append(watermark_file(path, target, watermarker, bndl, wm_key, explicit, checker=checker,
+                                          operating_point=operating_point, aside_path=out / "tampered" / name))
             progress.advance(task)
     stages = sorted({k for r in records for k in r.latency_ms})
     report = {
         "bundle": bndl.manifest.name, "bundle_key_id": bndl.key_id,
         "images": len(records),
+        "tamper_check": check_note,
         "ok": sum(r.status == "ok" for r in records),
+        "tampered": sum(r.status == "tampered" for r in records),
         "verify_failed": sum(r.status == "verify_failed" for r in records),
         "bad_input": sum(r.status == "bad_input" for r in records),
         "budget_misses": sum(bool(r.budget_misses) for r in records),
@@ -206,8 +223,60 @@ def run(
         _summary(report)
     if report["bad_input"]:
         raise typer.Exit(4)
-    if report["verify_failed"]:
+    if report["verify_failed"] or report["tampered"]:
         raise typer.Exit(1)
+
+
+OperatingPointOpt = typer.Option(None, "--operating-point",
+                                  help="Threshold set from the bundle: fpr1 (default) or fpr0.1.")
+
+
+@app.command()
+def check(
+    inputs: list[Path] = typer.Argument(..., help="Images (or folders) to check for tampering."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input line."),
+    mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Write a mask PNG per tampered image here."),
+    operating_point: Optional[str] = OperatingPointOpt,
+    bundle: Optional[Path] = BundleOpt,
+    key: Optional[Path] = KeyOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Was the image manipulated, where, and how sure: blind CNN + watermark-aware local map."""
+    from .imageio import read_image
+    from .pipeline import collect_inputs, load_checker
+    from .tamper_report import check_row, write_mask_png
+
+    try:
+        files = collect_inputs(inputs)
+        if not files:
+            raise UsageError("no image files found in the given inputs")
+        checker = load_checker(bundle, key=_key(key, create=False), threads=threads)
+        checker.operating_point(operating_point)  # an unknown name fails before any work
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    rows, worst = [], 0
+    for path in files:
+        try:
+            image = read_image(path)
+        except MedsecError as exc:
+            row = {"path": str(path), "tampered": None, "error": str(exc)}
+            worst = max(worst, exc.exit_code)
+        else:
+            verdict = checker.check(image, operating_point)
+            row = check_row(path, image, verdict)
+            if verdict.tampered:
+                worst = max(worst, 1)
+                if mask_dir is not None:
+                    row["mask"] = str(write_mask_png(verdict, mask_dir, path, image.meta.image_id))
+        rows.append(row)
+        if as_json:
+            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.flush()
+    if not as_json:
+        _table("check", rows, ["path", "tampered", "score", "watermark", "operating_point", "regions", "latency_ms"])
+    if worst:
+        raise typer.Exit(worst)
 
 
 def _relative_name(path: Path, inputs: list[Path]) -> Path:
@@ -226,15 +295,16 @@ def _print_records(records, as_json: bool) -> None:
             sys.stdout.write(json.dumps(r.to_dict()) + "\n")
         return
     rows = [{"input": Path(r.input).name, "image": r.image_id, "status": r.status, "found": r.found,
-             "conf": r.confidence, "embed ms": r.latency_ms.get("embed"), "verify ms": r.latency_ms.get("verify"),
+             "conf": r.confidence, "check ms": r.latency_ms.get("check"), "embed ms": r.latency_ms.get("embed"),
+             "verify ms": r.latency_ms.get("verify"),
              "budget": "; ".join(r.budget_misses) or "ok"} for r in records]
     _table("images", rows, list(rows[0]) if rows else [])
 
 
 def _summary(report: dict) -> None:
     rows = [{"stage": s, **v} for s, v in report["latency_ms"].items()]
-    _table(f"{report['ok']}/{report['images']} watermarked and verified "
-           f"({report['verify_failed']} failed, {report['bad_input']} bad input) - latency ms", rows,
+    _table(f"{report['ok']}/{report['images']} watermarked and verified ({report['tampered']} refused as "
+           f"tampered, {report['verify_failed']} failed, {report['bad_input']} bad input) - latency ms", rows,
            ["stage", "p50", "p99", "n"])
 
 
@@ -268,6 +338,48 @@ def train_watermark(
     argv = ["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--batch", str(batch),
             "--width", str(width)]
     train_main(argv + (["--until", str(until)] if until is not None else []))
+
+
+@train_app.command("tamper")
+def train_tamper(
+    out: Path = typer.Option(Path("runs/tamper"), "--out", help="Run folder: checkpoints, curves."),
+    steps: int = typer.Option(12000, "--steps"),
+    until: Optional[int] = typer.Option(None, "--until", help="Stop at this step (the schedule still spans --steps)."),
+    seed: int = typer.Option(4321, "--seed"),
+    batch: int = typer.Option(16, "--batch"),
+    width: int = typer.Option(20, "--width"),
+) -> None:
+    """Train the blind tamper detector (resumes from the run folder's checkpoint)."""
+    try:
+        from medsec_edge.train.cli_entry import main as train_main
+    except ImportError as exc:
+        _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
+        return
+    argv = ["--recipe", "tamper", "--out", str(out), "--steps", str(steps), "--seed", str(seed),
+            "--batch", str(batch), "--width", str(width)]
+    train_main(argv + (["--until", str(until)] if until is not None else []))
+
+
+@export_app.command("tamper")
+def export_tamper(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Tamper training checkpoint (checkpoint.pt)."),
+    bundle: Path = typer.Option(Path("bundles/default"), "--bundle", help="Bundle to add the detector to."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the new bundle here (default: --bundle in place)."),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Ed25519 private key (PEM); created if missing."),
+    trusted_dir: Path = typer.Option(Path("bundles/trusted_keys"), "--trusted-dir", help="Where to put the public key."),
+) -> None:
+    """Export the detector (checker + parity), freeze its thresholds on validation images, re-sign."""
+    try:
+        from medsec_edge.export.tamper_export import add_to_bundle
+        from medsec_edge.export.watermark_export import DEFAULT_SIGNING_KEY
+    except ImportError as exc:
+        _fail(MedsecError(f"export needs torch and onnx: pip install 'medsec-edge[export]' ({exc.name} missing)"))
+        return
+    try:
+        add_to_bundle(checkpoint, bundle, out_dir=out, signing_key=signing_key or DEFAULT_SIGNING_KEY,
+                      trusted_dir=trusted_dir)
+    except MedsecError as exc:
+        _fail(exc)
 
 
 @export_app.command("watermark")
@@ -322,6 +434,47 @@ def eval_watermark(
                            threads=threads, seed=seed, baseline_trials=baseline_trials)
     except MedsecError as exc:
         _fail(exc)
+
+
+@eval_app.command("tamper")
+def eval_tamper(
+    images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
+    pydicom_data: bool = typer.Option(False, "--pydicom-data", help="Add the held-out images of the pydicom-data package."),
+    out: Path = typer.Option(Path("runs/eval-tamper"), "--out", help="Where to write JSON, markdown and the plot."),
+    trials: int = typer.Option(3, "--trials", help="Draws per manipulation family and image."),
+    benign_trials: int = typer.Option(3, "--benign-trials", help="Draws per benign step and image."),
+    watermark: bool = typer.Option(True, "--watermark/--no-watermark", help="Also score the watermark-aware check."),
+    bundle: Optional[Path] = BundleOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Detection (AUC, TPR at FPR 1%/0.1%, per family and size), localization, benign FPR, study FPR,
+    latency; a hash and a noise-residual baseline beside; the watermark-aware check on marked frames."""
+    try:
+        from medsec_edge.evaluation.tamper_eval import MARKDOWN_NAME, run_tamper_eval
+    except ImportError as exc:
+        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
+        return
+    if pydicom_data:
+        try:
+            import data_store  # the pydicom-data package
+        except ImportError:
+            _fail(UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'"))
+            return
+        images = [*images, Path(data_store.__file__).parent / "data"]
+    if not images:
+        _fail(UsageError("give --images DIR (repeatable) or --pydicom-data"))
+        return
+    import shlex
+
+    command = shlex.join(["medsec-edge", *sys.argv[1:]])
+    try:
+        run_tamper_eval(images, out, bundle_path=bundle, threads=threads, seed=seed, trials=trials,
+                        benign_trials=benign_trials, watermark=watermark, command=command)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    sys.stdout.write((out / MARKDOWN_NAME).read_text() + "\n")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""The acquisition-time job and its building blocks: open the default bundle, watermark, verify.
+"""The acquisition-time job and its building blocks: open the default bundle, check, watermark, verify.
 
-Layer: runtime. ``run`` reads each image, watermarks it with a payload bound to its DICOM
+Layer: runtime. ``run`` reads each image, checks it for tampering (refusing tampered ones),
+watermarks it with a payload bound to its DICOM
 identity, re-extracts from the in-memory result to verify before anything is written, and writes
 atomically; every stage is timed and compared with the bundle's latency budgets.
 """
@@ -47,6 +48,15 @@ def load_watermarker(bundle_path: Path | None = None, *, threads: int | None = N
     models = BundleWatermarkModels(bundle, backend=backend, threads=threads)
     target = float(bundle.manifest.payload.get("target_psnr_db", 42.5))
     return Watermarker(models, PayloadCodec(), target_psnr_db=target), bundle
+
+
+def load_checker(bundle_path: Path | None = None, *, key: WatermarkKey | None = None,
+                 threads: int | None = None, backend: str | None = None):
+    """The tamper check of a verified bundle, watermark-aware (identity too when ``key`` is given)."""
+    from .tamper import TamperChecker
+
+    watermarker, bundle = load_watermarker(bundle_path, threads=threads, backend=backend)
+    return TamperChecker.from_bundle(bundle, watermarker=watermarker, key=key, backend=backend, threads=threads)
 
 
 def payload_for(image: MedicalImage, key: WatermarkKey | None, explicit: bytes | None) -> tuple[bytes, str]:
@@ -99,6 +109,7 @@ class RunRecord:
     bits_corrected: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     budget_misses: list[str] = field(default_factory=list)
+    tamper: dict | None = None  # the check stage's verdict (None when the bundle has no detector)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,9 +120,28 @@ def size_class(shape_hw: tuple[int, int]) -> str:
     return "512" if shape_hw[0] * shape_hw[1] <= 1024 * 1024 else "2048"
 
 
+def _keep_aside(path: Path, aside_path: Path, image: MedicalImage, verdict) -> Path:
+    """Copy a refused input next to a JSON of why (named by hash: no patient data), atomically."""
+    import json
+    import shutil
+
+    aside_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = aside_path.with_name(aside_path.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    tmp.replace(aside_path)
+    reason = {"image_id": image.meta.image_id, **verdict.to_dict()}
+    aside_path.with_name(aside_path.name + ".reason.json").write_text(json.dumps(reason, indent=1))
+    return aside_path
+
+
 def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle: Bundle,
-                   key: WatermarkKey | None, explicit: bytes | None) -> RunRecord:
-    """Read, embed, verify in memory, then write atomically; every stage timed."""
+                   key: WatermarkKey | None, explicit: bytes | None, *, checker=None,
+                   operating_point: str | None = None, aside_path: Path | None = None) -> RunRecord:
+    """Read, check, embed, verify in memory, then write atomically; every stage timed.
+
+    With ``checker`` an image found tampered is not watermarked: it is reported and, with
+    ``aside_path``, copied there with a ``.reason.json`` beside it.
+    """
     lat: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -119,6 +149,22 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     except InputError as exc:
         return RunRecord(image_id="", input=str(path), output=None, status="bad_input", reason=str(exc))
     lat["read"] = (time.perf_counter() - t0) * 1e3
+    tamper = None
+    if checker is not None:
+        tc = time.perf_counter()
+        verdict = checker.check(image, operating_point)
+        lat["check"] = (time.perf_counter() - tc) * 1e3
+        tamper = {"tampered": verdict.tampered, "score": round(verdict.score, 6), "watermark": verdict.watermark,
+                  "reasons": list(verdict.reasons), "regions": [r.to_dict() for r in verdict.regions]}
+        if verdict.tampered:
+            kept = _keep_aside(path, aside_path, image, verdict) if aside_path is not None else None
+            lat["total"] = (time.perf_counter() - t0) * 1e3
+            return RunRecord(
+                image_id=image.meta.image_id, input=str(path), output=str(kept) if kept else None,
+                status="tampered", reason="tamper check: " + "; ".join(verdict.reasons) + "; not watermarked",
+                shape=tuple(int(s) for s in image.pixels.shape),
+                latency_ms={k: round(v, 2) for k, v in lat.items()}, tamper=tamper,
+            )
     payload, mode = payload_for(image, key, explicit)
     t1 = time.perf_counter()
     embedded = watermarker.embed(image, payload)
@@ -143,9 +189,9 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     budgets = bundle.manifest.budgets_ms
     cls = size_class(image.shape_hw)
     misses = []
-    for budget_stage, stage in (("embed", "embed"), ("extract", "verify")):
+    for budget_stage, stage in (("check", "check"), ("embed", "embed"), ("extract", "verify")):
         limit = budgets.get(f"{budget_stage}_{cls}")
-        if limit is not None and lat[stage] > limit:
+        if limit is not None and stage in lat and lat[stage] > limit:
             misses.append(f"{budget_stage} {lat[stage]:.1f} ms > {limit} ms")
     return RunRecord(
         image_id=image.meta.image_id, input=str(path), output=str(written) if written else None,
@@ -153,7 +199,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
         reason="" if ok else "the watermark did not verify after embedding; nothing written",
         shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
         confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
-        latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses,
+        latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper,
     )
 
 

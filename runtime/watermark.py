@@ -60,6 +60,21 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
+class WatermarkReading:
+    """How a found watermark was read, kept for the tamper check's local map (wm_consistency).
+
+    ``signals`` are the decoder maps of the frames ``frame_indices`` at working factor
+    ``factor``, read along ``lattice``; ``code_bits`` the decoded code word (128 bits, 0/1).
+    """
+
+    lattice: Lattice
+    factor: int
+    frame_indices: tuple[int, ...]
+    signals: tuple[np.ndarray, ...]
+    code_bits: np.ndarray
+
+
+@dataclass(frozen=True)
 class Extraction:
     """The extractor's verdict: ``found`` False is a result, not an error."""
 
@@ -71,6 +86,7 @@ class Extraction:
     period_px: float = float(TILE)
     angle_deg: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    reading: "WatermarkReading | None" = field(default=None, repr=False)  # set when found
 
     def raw_bit_accuracy(self, code_bits: np.ndarray) -> float:
         return float(np.mean((self.logits > 0) == (np.asarray(code_bits) > 0)))
@@ -156,8 +172,9 @@ class Watermarker:
     def extract(self, image: MedicalImage) -> Extraction:
         t0 = time.perf_counter()
         frames = image.frames()
+        picks = list(range(len(frames)))
         if len(frames) > MAX_FRAMES_READ:
-            picks = np.linspace(0, len(frames) - 1, MAX_FRAMES_READ).round().astype(int)
+            picks = np.linspace(0, len(frames) - 1, MAX_FRAMES_READ).round().astype(int).tolist()
             frames = [frames[i] for i in picks]
         h, w = frames[0].shape[:2]
         factor = working_factor(h, w)
@@ -165,7 +182,7 @@ class Watermarker:
         timings = {"model_ms": (time.perf_counter() - t0) * 1e3}
         # Fast path: an image that kept its geometry reads on the nominal lattice.
         decoded, logits, best_energy = self._decode(signals, NOMINAL)
-        lattice, lattice_factor = NOMINAL, factor
+        lattice, lattice_factor, lattice_signals = NOMINAL, factor, signals
         if not decoded.found:
             t1 = time.perf_counter()
             tried = {factor}
@@ -181,7 +198,7 @@ class Watermarker:
                     result = self._decode(level_signals, candidate)
                     if result[0].found or result[2] > best_energy:
                         decoded, logits, best_energy = result
-                        lattice, lattice_factor = candidate, level
+                        lattice, lattice_factor, lattice_signals = candidate, level, level_signals
                     if decoded.found:
                         break
                     # A downscaled image shows the tile smaller than it was made; the decoder
@@ -194,7 +211,12 @@ class Watermarker:
                         queue.append((finer, None))
             timings["search_ms"] = (time.perf_counter() - t1) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        reading = None
+        if decoded.found:
+            reading = WatermarkReading(lattice, lattice_factor, tuple(picks), tuple(lattice_signals),
+                                       self.codec.encode(decoded.data))
         return Extraction(
+            reading=reading,
             found=decoded.found,
             payload=decoded.payload_hex,
             confidence=decoded.confidence,
