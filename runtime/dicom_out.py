@@ -38,6 +38,7 @@ SOURCE_UID_ELEMENT = 0x02  # UI: SOP Instance UID of the first source (survives 
 SEAL_ELEMENT = 0x10  # UT: seal record JSON (seal.py)
 ENCRYPTED_ELEMENT = 0x20  # OB: AES-256-GCM blob of the original file (encryption.py)
 WRAPPED_KEY_ELEMENT = 0x21  # UT: JSON of the study data key wrapped for a recipient
+REVERSIBLE_ELEMENT = 0x30  # OB: encrypted watermark residual for bit-exact restore (reversible.py)
 DEFAULT_DESCRIPTION = "Processed by medsec-edge"
 _MAX_DERIVATION = 1024  # ST value length limit
 

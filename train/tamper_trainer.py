@@ -220,7 +220,7 @@ class TamperTrainer:
             else:
                 parts["skipped"] = 1
             acc = float(((score[:, 0] > 0).float() == y).float().mean())
-            recent.append({"loss": float(loss), "acc": acc, **parts})
+            recent.append({"loss": loss.item(), "acc": acc, **parts})
             self.step += 1
             if self.step % 50 == 0:
                 summary = {k: float(np.nanmean([r[k] for r in recent])) for k in recent[0]}
