@@ -83,17 +83,26 @@ def embed(
     key: Optional[Path] = KeyOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    reversible: bool = typer.Option(False, "--reversible", help="Keep the exact original recoverable by --to's key holder ('restore'; DICOM only)."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Key set (or its public export) that may restore; with --reversible."),
 ) -> None:
     """Watermark one image; the output keeps its format and (for DICOM) every attribute."""
     from .payload import parse_payload_hex
     from .pipeline import load_watermarker, watermark_file
 
     try:
+        recipient = None
+        if reversible or to is not None:
+            if not (reversible and to is not None):
+                raise UsageError("--reversible and --to KEY_DIR go together: the key set that may restore")
+            from .crypto_keys import KeyRing
+
+            recipient = KeyRing.load(to, private=False).recipient
         explicit = parse_payload_hex(payload) if payload is not None else None
         wm_key = None if explicit is not None else _key(key, create=True)
         watermarker, bndl = load_watermarker(bundle, threads=threads)
         output.parent.mkdir(parents=True, exist_ok=True)
-        record = watermark_file(input, output, watermarker, bndl, wm_key, explicit)
+        record = watermark_file(input, output, watermarker, bndl, wm_key, explicit, reversible_to=recipient)
     except MedsecError as exc:
         _fail(exc)
         return
@@ -483,6 +492,11 @@ def main() -> None:
     except MedsecError as exc:  # errors raised outside a command body
         _error(exc)
         sys.exit(exc.exit_code)
+
+
+from .cli_crypto import register as _register_crypto  # noqa: E402 - after app and helpers exist
+
+_register_crypto(app)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ ENCRYPTED_ELEMENT = 0x20  # OB: AES-256-GCM blob of the original file (encryptio
 WRAPPED_KEY_ELEMENT = 0x21  # UT: JSON of the study data key wrapped for a recipient
 REVERSIBLE_ELEMENT = 0x30  # OB: encrypted watermark residual for bit-exact restore (reversible.py)
 DEFAULT_DESCRIPTION = "Processed by medsec-edge"
+_DIGITAL_SIGNATURES_SEQUENCE = 0xFFFAFFFA  # PS3.15 signatures of the source (dicom_signature.py)
+_MAC_PARAMETERS_SEQUENCE = 0x4FFE0001
 _MAX_DERIVATION = 1024  # ST value length limit
 
 # Photometric interpretations pydicom's set_pixel_data accepts as they are; YBR_ICT/YBR_RCT are
@@ -235,6 +237,14 @@ def build_derived_dataset(
     elif RECORD_ELEMENT in block:
         del ds[block.get_tag(RECORD_ELEMENT)]  # it described the source's pixels, not these
     block.add_new(SOURCE_UID_ELEMENT, "UI", first_source_uid)
+    # Seals, signatures and restore records vouch for the source's bytes, not these: a copy
+    # would make the output fail verification (the new file is sealed again by whoever writes it).
+    for element in (SEAL_ELEMENT, ENCRYPTED_ELEMENT, WRAPPED_KEY_ELEMENT, REVERSIBLE_ELEMENT):
+        if element in block:
+            del ds[block.get_tag(element)]
+    for tag in (_DIGITAL_SIGNATURES_SEQUENCE, _MAC_PARAMETERS_SEQUENCE):
+        if tag in ds:
+            del ds[tag]
     return ds
 
 

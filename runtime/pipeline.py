@@ -136,7 +136,8 @@ def _keep_aside(path: Path, aside_path: Path, image: MedicalImage, verdict) -> P
 
 def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle: Bundle,
                    key: WatermarkKey | None, explicit: bytes | None, *, checker=None,
-                   operating_point: str | None = None, aside_path: Path | None = None) -> RunRecord:
+                   operating_point: str | None = None, aside_path: Path | None = None,
+                   reversible_to=None) -> RunRecord:
     """Read, check, embed, verify in memory, then write atomically; every stage timed.
 
     With ``checker`` an image found tampered is not watermarked: it is reported and, with
@@ -149,6 +150,9 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     except InputError as exc:
         return RunRecord(image_id="", input=str(path), output=None, status="bad_input", reason=str(exc))
     lat["read"] = (time.perf_counter() - t0) * 1e3
+    if reversible_to is not None and (image.dataset is None or FORMAT_BY_SUFFIX.get(out_path.suffix.lower(), "dicom") != "dicom"):
+        return RunRecord(image_id=image.meta.image_id, input=str(path), output=None, status="bad_input",
+                         reason="--reversible needs a DICOM input and a DICOM output (the record lives in its private block)")
     tamper = None
     if checker is not None:
         tc = time.perf_counter()
@@ -182,8 +186,16 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     written = None
     if ok:
         t3 = time.perf_counter()
-        written = write_image(image, embedded.pixels, out_path, record=record,
-                              description="Invisible watermark embedded by medsec-edge")
+        if reversible_to is None:
+            written = write_image(image, embedded.pixels, out_path, record=record,
+                                  description="Invisible watermark embedded by medsec-edge")
+        else:
+            from .reversible import record_for_image, write_reversible
+
+            reversible = record_for_image(image, embedded.pixels, reversible_to)
+            record["reversible"] = reversible.to_dict()  # sizes and key ids only
+            written = write_reversible(image, embedded.pixels, out_path, reversible, watermark_record=record,
+                                       description="Invisible watermark embedded by medsec-edge (reversible)")
         lat["write"] = (time.perf_counter() - t3) * 1e3
     lat["total"] = (time.perf_counter() - t0) * 1e3
     budgets = bundle.manifest.budgets_ms
