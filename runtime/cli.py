@@ -171,16 +171,23 @@ def run(
     threads: Optional[int] = ThreadsOpt,
     operating_point: Optional[str] = typer.Option(None, "--operating-point",
                                                   help="Tamper-check threshold set: fpr1 (default) or fpr0.1."),
+    keys: Optional[Path] = typer.Option(
+        None, "--keys",
+        help="Key set or ring that seals and signs every DICOM output (default: $MEDSEC_EDGE_KEYS or "
+             "~/.config/medsec-edge/keys; created, as by 'keys new', on first use)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """The acquisition-time job: check, watermark and verify each image, write it and a report.
+    """The acquisition-time job: check, watermark, verify and seal each image, write it and a report.
 
-    Images the tamper check flags are not watermarked: they are copied to OUT/tampered/ with a
-    .reason.json beside each."""
+    Every DICOM output is sealed (Ed25519 over pixels + identity) and signed (DICOM PS3.15 Creator
+    RSA) where it was written; PNG, TIFF, JPEG and NPY outputs cannot carry a seal and are reported
+    unsealed. Images the tamper check flags are not watermarked: they are copied to OUT/tampered/
+    with a .reason.json beside each."""
     from rich.progress import Progress
 
     from .payload import parse_payload_hex
     from .pipeline import collect_inputs, load_watermarker, percentiles, watermark_file
+    from .seal_stage import load_or_create_ring
     from .tamper import MODEL_NAME, TamperChecker
 
     try:
@@ -189,6 +196,7 @@ def run(
         if not files:
             raise UsageError("no image files found in the given inputs")
         wm_key = None if explicit is not None else _key(key, create=True)
+        ring = load_or_create_ring(keys)
         watermarker, bndl = load_watermarker(bundle, threads=threads)
         checker, check_note = None, "skipped: the bundle has no tamper_detector model"
         if MODEL_NAME in bndl.manifest.models:
@@ -209,16 +217,20 @@ def run(
             target = out / name
             target.parent.mkdir(parents=True, exist_ok=True)
             records.append(watermark_file(path, target, watermarker, bndl, wm_key, explicit, checker=checker,
-                                          operating_point=operating_point, aside_path=out / "tampered" / name))
+                                          operating_point=operating_point, aside_path=out / "tampered" / name,
+                                          keyring=ring))
             progress.advance(task)
     stages = sorted({k for r in records for k in r.latency_ms})
     report = {
         "bundle": bndl.manifest.name, "bundle_key_id": bndl.key_id,
         "images": len(records),
         "tamper_check": check_note,
+        "seal_key_id": ring.signer.key_id, "dicom_key_id": ring.dicom_signer.key_id,
         "ok": sum(r.status == "ok" for r in records),
+        "sealed": sum(r.sealed for r in records),
         "tampered": sum(r.status == "tampered" for r in records),
         "verify_failed": sum(r.status == "verify_failed" for r in records),
+        "seal_failed": sum(r.status == "seal_failed" for r in records),
         "bad_input": sum(r.status == "bad_input" for r in records),
         "budget_misses": sum(bool(r.budget_misses) for r in records),
         "latency_ms": {s: percentiles([r.latency_ms[s] for r in records if s in r.latency_ms]) for s in stages},
@@ -232,7 +244,7 @@ def run(
         _summary(report)
     if report["bad_input"]:
         raise typer.Exit(4)
-    if report["verify_failed"] or report["tampered"]:
+    if report["verify_failed"] or report["tampered"] or report["seal_failed"]:
         raise typer.Exit(1)
 
 
@@ -305,15 +317,16 @@ def _print_records(records, as_json: bool) -> None:
         return
     rows = [{"input": Path(r.input).name, "image": r.image_id, "status": r.status, "found": r.found,
              "conf": r.confidence, "check ms": r.latency_ms.get("check"), "embed ms": r.latency_ms.get("embed"),
-             "verify ms": r.latency_ms.get("verify"),
+             "verify ms": r.latency_ms.get("verify"), "sealed": r.sealed,
              "budget": "; ".join(r.budget_misses) or "ok"} for r in records]
     _table("images", rows, list(rows[0]) if rows else [])
 
 
 def _summary(report: dict) -> None:
     rows = [{"stage": s, **v} for s, v in report["latency_ms"].items()]
-    _table(f"{report['ok']}/{report['images']} watermarked and verified ({report['tampered']} refused as "
-           f"tampered, {report['verify_failed']} failed, {report['bad_input']} bad input) - latency ms", rows,
+    _table(f"{report['ok']}/{report['images']} watermarked and verified, {report['sealed']} sealed "
+           f"({report['tampered']} refused as tampered, {report['verify_failed']} failed, "
+           f"{report['seal_failed']} not sealable, {report['bad_input']} bad input) - latency ms", rows,
            ["stage", "p50", "p99", "n"])
 
 

@@ -1,9 +1,10 @@
-"""The acquisition-time job and its building blocks: open the default bundle, check, watermark, verify.
+"""The acquisition-time job and its building blocks: open the default bundle, check, watermark, verify, seal.
 
 Layer: runtime. ``run`` reads each image, checks it for tampering (refusing tampered ones),
 watermarks it with a payload bound to its DICOM
-identity, re-extracts from the in-memory result to verify before anything is written, and writes
-atomically; every stage is timed and compared with the bundle's latency budgets.
+identity, re-extracts from the in-memory result to verify before anything is written, writes
+atomically, and (given a key ring) seals and signs the written DICOM file (``seal_stage``);
+every stage is timed and compared with the bundle's latency budgets (the seal has none).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class RunRecord:
     image_id: str
     input: str
     output: str | None
-    status: str  # ok | verify_failed | bad_input
+    status: str  # ok | verify_failed | seal_failed | tampered | bad_input
     reason: str = ""
     shape: tuple[int, ...] = ()
     payload_mode: str = ""
@@ -110,6 +111,9 @@ class RunRecord:
     latency_ms: dict[str, float] = field(default_factory=dict)
     budget_misses: list[str] = field(default_factory=list)
     tamper: dict | None = None  # the check stage's verdict (None when the bundle has no detector)
+    sealed: bool = False  # the written file carries our seal and a PS3.15 signature
+    seal_key_id: str | None = None
+    seal_reason: str = ""  # why it is not sealed (non-DICOM output, no key ring, failure)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,11 +141,14 @@ def _keep_aside(path: Path, aside_path: Path, image: MedicalImage, verdict) -> P
 def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle: Bundle,
                    key: WatermarkKey | None, explicit: bytes | None, *, checker=None,
                    operating_point: str | None = None, aside_path: Path | None = None,
-                   reversible_to=None) -> RunRecord:
-    """Read, check, embed, verify in memory, then write atomically; every stage timed.
+                   reversible_to=None, keyring=None) -> RunRecord:
+    """Read, check, embed, verify in memory, write atomically, seal; every stage timed.
 
     With ``checker`` an image found tampered is not watermarked: it is reported and, with
-    ``aside_path``, copied there with a ``.reason.json`` beside it.
+    ``aside_path``, copied there with a ``.reason.json`` beside it. With ``keyring`` (a
+    ``crypto_keys.KeyRing`` that can sign) a DICOM output is sealed and signed where it was
+    written; if that fails the unsealed file is removed (status ``seal_failed``). PNG, TIFF, JPEG
+    and NPY outputs have nowhere to keep a seal: they are written unsealed, with the reason.
     """
     lat: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -197,6 +204,9 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
             written = write_reversible(image, embedded.pixels, out_path, reversible, watermark_record=record,
                                        description="Invisible watermark embedded by medsec-edge (reversible)")
         lat["write"] = (time.perf_counter() - t3) * 1e3
+    seal, seal_failed = _seal_output(written, image, keyring, lat)
+    if seal_failed:
+        written = None
     lat["total"] = (time.perf_counter() - t0) * 1e3
     budgets = bundle.manifest.budgets_ms
     cls = size_class(image.shape_hw)
@@ -205,14 +215,45 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
         limit = budgets.get(f"{budget_stage}_{cls}")
         if limit is not None and stage in lat and lat[stage] > limit:
             misses.append(f"{budget_stage} {lat[stage]:.1f} ms > {limit} ms")
+    if seal_failed:
+        status, reason = "seal_failed", "sealing the written file failed, so it was removed: " + seal["seal_reason"]
+    elif ok:
+        status, reason = "ok", ""
+    else:
+        status, reason = "verify_failed", "the watermark did not verify after embedding; nothing written"
     return RunRecord(
         image_id=image.meta.image_id, input=str(path), output=str(written) if written else None,
-        status="ok" if ok else "verify_failed",
-        reason="" if ok else "the watermark did not verify after embedding; nothing written",
+        status=status, reason=reason,
         shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
         confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
-        latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper,
+        latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
     )
+
+
+def _seal_output(written: Path | None, image: MedicalImage, keyring,
+                 lat: dict[str, float]) -> tuple[dict, bool]:
+    """Seal and sign a written DICOM output, timed as ``lat['seal']``.
+
+    Returns the RunRecord's seal fields and whether sealing failed (the file is then removed).
+    """
+    if written is None:
+        return {}, False
+    if keyring is None:
+        return {"seal_reason": "no key ring given: not sealed"}, False
+    fmt = FORMAT_BY_SUFFIX.get(Path(written).suffix.lower(), image.meta.source_format)
+    if fmt != "dicom":
+        return {"seal_reason": f"{fmt.upper()} output cannot carry a seal (DICOM only): not sealed"}, False
+    from .seal_stage import seal_file
+
+    ts = time.perf_counter()
+    try:
+        result = seal_file(written, keyring)
+    except MedsecError as exc:
+        Path(written).unlink(missing_ok=True)  # nothing leaves the job unsigned
+        return {"seal_reason": str(exc)}, True
+    finally:
+        lat["seal"] = (time.perf_counter() - ts) * 1e3
+    return {"sealed": True, "seal_key_id": result.seal_key_id}, False
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

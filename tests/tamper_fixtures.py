@@ -133,9 +133,11 @@ def tamper_bundles(tmp_path_factory) -> TamperBundles:
 
 @pytest.fixture
 def base_env(monkeypatch, tmp_path) -> None:
-    """One inference thread, a fresh (absent) watermark key, the default trust store, no bundle override."""
+    """One inference thread, a fresh (absent) watermark key and seal key ring, the default trust store,
+    no bundle override."""
     monkeypatch.setenv("MEDSEC_EDGE_THREADS", "1")
     monkeypatch.setenv("MEDSEC_EDGE_KEY", str(tmp_path / "keys" / "watermark.key"))
+    monkeypatch.setenv("MEDSEC_EDGE_KEYS", str(tmp_path / "keys" / "ring"))
     monkeypatch.delenv("MEDSEC_EDGE_BUNDLE", raising=False)
     monkeypatch.delenv("MEDSEC_EDGE_TRUSTED_KEYS", raising=False)
 

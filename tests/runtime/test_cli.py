@@ -20,7 +20,9 @@ CLI = [sys.executable, "-m", "medsec_edge.runtime.cli"]
 
 
 def _cli(*args: str, env_key: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MEDSEC_EDGE_KEY=str(env_key), MEDSEC_EDGE_THREADS="2")
+    # the seal key ring beside the watermark key: nothing is written to the real home
+    env = dict(os.environ, MEDSEC_EDGE_KEY=str(env_key), MEDSEC_EDGE_KEYS=str(env_key.parent / "ring"),
+               MEDSEC_EDGE_THREADS="2")
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300,
                           stdin=subprocess.DEVNULL)
 
@@ -95,7 +97,8 @@ def test_run_writes_verified_images_and_a_phi_free_report(tmp_path, ct, key_path
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["ok"] == 2 and report["images"] == 2
-    assert {"embed", "verify", "total"} <= set(report["latency_ms"])
+    assert report["sealed"] == 2, "every DICOM output is sealed and signed (tests/runtime/test_run_seal.py)"
+    assert {"embed", "verify", "seal", "total"} <= set(report["latency_ms"])
     assert (out / "ct.dcm").exists() and (out / "mr.dcm").exists()
     text = (out / "report.json").read_text()
     for ds in (dcmread(ct), dcmread(mr)):
@@ -109,6 +112,7 @@ def test_device_commands_never_import_torch(tmp_path, ct):
     code = f"""
 import os
 os.environ["MEDSEC_EDGE_KEY"] = {str(tmp_path / 'k' / 'wm.key')!r}
+os.environ["MEDSEC_EDGE_KEYS"] = {str(tmp_path / 'k' / 'ring')!r}
 from typer.testing import CliRunner
 from medsec_edge.runtime.cli import app
 r = CliRunner().invoke(app, ["run", {str(ct)!r}, "--out", {str(out)!r}, "--json"])
