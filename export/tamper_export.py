@@ -129,7 +129,8 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
         }
         history = state.get("history", [])
         data.setdefault("training", {})["tamper"] = {
-            "command": state.get("command", ""), "config": state["config"], "steps": state["step"],
+            "command": state.get("command", ""), "commands": state.get("commands", [state.get("command", "")]),
+            "config": state["config"], "steps": state["step"],
             "final": history[-1] if history else {},
         }
         data.setdefault("export", {})["tamper"] = {

@@ -123,6 +123,7 @@ class TamperTrainer:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=1e-4)
         self.step = 0
         self.history: list[dict] = []
+        self.commands = [command]
         self.samples = TamperSamples(config.seed, config.crop, p_watermark=config.p_watermark,
                                      benign_ramp=config.steps * config.batch // 4)
 
@@ -133,7 +134,7 @@ class TamperTrainer:
     def save(self) -> None:
         if not all(torch.isfinite(p).all() for p in self.net.parameters()):
             raise RuntimeError(f"non-finite weights at step {self.step}: not overwriting the checkpoint")
-        state = {"config": asdict(self.cfg), "command": self.command, "step": self.step,
+        state = {"config": asdict(self.cfg), "command": self.command, "commands": self.commands, "step": self.step,
                  "net": self.net.state_dict(), "opt": self.opt.state_dict(), "history": self.history,
                  "torch_rng": torch.get_rng_state()}
         tmp = self.checkpoint_path.with_suffix(".tmp")
@@ -148,6 +149,8 @@ class TamperTrainer:
         self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
         self.history = state["history"]
+        # Every invocation that trained this run, in order (a resume may change --steps).
+        self.commands = [*state.get("commands", [state.get("command", "")]), f"{self.command} (resumed at {self.step})"]
         torch.set_rng_state(state["torch_rng"])
         return True
 
