@@ -511,6 +511,11 @@ from .cli_crypto import register as _register_crypto  # noqa: E402 - after app a
 
 _register_crypto(app)
 
+from .cli_research import register_eval_crypto, register_train_cipher  # noqa: E402
+
+register_eval_crypto(eval_app)
+register_train_cipher(train_app)
+
 
 if __name__ == "__main__":
     main()
