@@ -103,7 +103,7 @@ def watermark_negatives(checker: TamperChecker, n: int, progress: bool = True) -
         attack = ATTACKS[MODERATE_TIER[i % len(MODERATE_TIER)]]
         out = attack(marked, display_window(meta, marked), rng, value_range=stored_range(meta, marked.dtype))
         attacked = attacked_image([out], meta)
-        verdict = checker.check(attacked, operating_point=None)
+        verdict = checker.check(attacked, operating_point="fpr1")  # the provisional point (calibrate)
         blind.append(verdict.blind_logit)
         deficits.append(np.nan if verdict.watermark_deficit is None else verdict.watermark_deficit)
     return np.asarray(blind), np.asarray(deficits)

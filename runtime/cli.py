@@ -170,7 +170,7 @@ def run(
     key: Optional[Path] = KeyOpt,
     threads: Optional[int] = ThreadsOpt,
     operating_point: Optional[str] = typer.Option(None, "--operating-point",
-                                                  help="Tamper-check threshold set: fpr1 (default) or fpr0.1."),
+                                                  help="Tamper-check threshold set: fpr0.1 (default) or fpr1."),
     keys: Optional[Path] = typer.Option(
         None, "--keys",
         help="Key set or ring that seals and signs every DICOM output (default: $MEDSEC_EDGE_KEYS or "
@@ -249,7 +249,7 @@ def run(
 
 
 OperatingPointOpt = typer.Option(None, "--operating-point",
-                                  help="Threshold set from the bundle: fpr1 (default) or fpr0.1.")
+                                  help="Threshold set from the bundle: fpr0.1 (default) or fpr1.")
 
 
 @app.command()

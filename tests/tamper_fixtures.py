@@ -63,6 +63,7 @@ class TamperBundles:
     key_id: str
     checkpoint: Path
     default_hashes: dict  # sha256 of bundles/default's files before the build
+    no_detector: Path  # the watermark models only (as bundles/default was before issue 3)
 
 
 def _hashes(directory: Path) -> dict[str, str]:
@@ -78,6 +79,19 @@ def derive_bundle(source: Path, target: Path, signing_key: Path, trust_dir: Path
     for point in data["calibration"]["tamper"]["operating_points"].values():
         point.update(thresholds)
     files = {name: source / entry.file for name, entry in bundle.manifest.models.items()}
+    return write_bundle(target, data, files, signing_key)
+
+
+def strip_detector(source: Path, target: Path, signing_key: Path, trust_dir: Path) -> Path:
+    """``source`` without its tamper detector and thresholds (the watermark models only), re-signed."""
+    from medsec_edge.runtime.bundle import open_bundle, write_bundle
+    from medsec_edge.runtime.tamper import MODEL_NAME
+
+    bundle = open_bundle(source, trusted_keys=trust_dir)
+    data = bundle.manifest.to_dict()
+    del data["models"][MODEL_NAME]
+    data["calibration"].pop("tamper", None)
+    files = {name: source / entry.file for name, entry in bundle.manifest.models.items() if name != MODEL_NAME}
     return write_bundle(target, data, files, signing_key)
 
 
@@ -118,8 +132,9 @@ def build_tamper_bundles(root: Path) -> TamperBundles:
     shutil.copy(public_key, trust_dir / f"{kid}.pub")
     strict = derive_bundle(calibrated, root / "strict", signing_key, trust_dir, blind_logit=-1e9, pixel_logit=-1e9)
     lenient = derive_bundle(calibrated, root / "lenient", signing_key, trust_dir, blind_logit=1e9, wm_deficit=1e9)
+    no_detector = strip_detector(calibrated, root / "no_detector", signing_key, trust_dir)
     return TamperBundles(calibrated, strict, lenient, trust_dir, signing_key, public_key, kid, checkpoint,
-                         default_hashes)
+                         default_hashes, no_detector)
 
 
 @pytest.fixture(scope="session")

@@ -72,10 +72,12 @@ def test_operating_points_are_frozen_in_the_manifest(bundle):
 
 def test_provenance_and_budgets(bundle, tamper_bundles):
     manifest = bundle.manifest
-    assert manifest.training["tamper"] == {"command": "test", "config": {"width": 4}, "steps": 0, "final": {}}
+    assert manifest.training["tamper"] == {"command": "test", "commands": ["test"], "config": {"width": 4}, "steps": 0,
+                                           "final": {}}
     default = open_bundle(DEFAULT_BUNDLE, trusted_keys=tamper_bundles.trust_dir).manifest
     for key, value in default.training.items():  # the watermark's training record is kept
-        assert manifest.training[key] == value
+        if key != "tamper":  # the default bundle's own detector, replaced by the fixture's
+            assert manifest.training[key] == value
     export = manifest.export["tamper"]
     assert export["parity_max_abs_error"] < 1e-3 and export["onnx_checker"].startswith("passed")
     assert export["opset"] >= 13

@@ -182,11 +182,11 @@ def test_checker_needs_operating_points(bundle):
         TamperChecker(bundle.session(MODEL_NAME, threads=1), {})
 
 
-def test_a_bundle_without_a_detector_is_refused(base_env):
+def test_a_bundle_without_a_detector_is_refused(tamper_env):
     from medsec_edge.runtime.pipeline import load_checker
 
     with pytest.raises(BundleError, match="no 'tamper_detector' model.*export tamper"):
-        load_checker(REPO / "bundles" / "default", threads=1)
+        load_checker(tamper_env.no_detector, threads=1)
 
 
 def test_check_real_image_verdict_follows_the_frozen_threshold(tamper_env, ct_image):
@@ -196,7 +196,7 @@ def test_check_real_image_verdict_follows_the_frozen_threshold(tamper_env, ct_im
     assert set(checker.operating_points) == {"fpr1", "fpr0.1"}
     verdict = checker.check(ct_image)
     assert isinstance(verdict, TamperVerdict)
-    assert verdict.operating_point == "fpr1"
+    assert verdict.operating_point == "fpr0.1"  # the default
     assert isinstance(verdict.tampered, bool) and isinstance(verdict.score, float)
     assert isinstance(verdict.blind_logit, float) and math.isfinite(verdict.blind_logit)
     assert verdict.score == pytest.approx(1 / (1 + math.exp(-verdict.blind_logit)))
@@ -262,12 +262,12 @@ def test_multi_frame_mask_is_the_frame_with_the_highest_score(bundle, ct_image):
 
 
 def test_unknown_operating_point_is_a_usage_error(bundle, ct_image):
-    checker = _checker(bundle, fpr1=NONE)
+    checker = _checker(bundle, **{"fpr1": NONE, "fpr0.1": NONE})
     with pytest.raises(UsageError, match="unknown operating point 'fpr5'.*fpr1"):
         checker.check(ct_image, "fpr5")
-    assert checker.operating_point(None).name == "fpr1"  # None is the default, fpr1
+    assert checker.operating_point(None).name == "fpr0.1"  # None is the default, fpr0.1
     custom = _checker(bundle, custom=NONE)
-    with pytest.raises(UsageError, match="unknown operating point 'fpr1': this bundle has custom"):
+    with pytest.raises(UsageError, match="unknown operating point 'fpr0.1': this bundle has custom"):
         custom.check(ct_image)  # the default is not in this checker
 
 

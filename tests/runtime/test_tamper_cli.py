@@ -82,7 +82,7 @@ def test_check_prints_one_json_row_per_input_and_exits_0_when_nothing_is_flagged
     assert [r["path"] for r in rows] == [str(inputs / "CT_small.dcm"), str(inputs / "MR_small.dcm")]
     for row in rows:
         assert set(row) == ROW_KEYS
-        assert row["tampered"] is False and row["operating_point"] == "fpr1"
+        assert row["tampered"] is False and row["operating_point"] == "fpr0.1"
         assert row["watermark"] == "absent" and row["regions"] == [] and row["reasons"] == []
         assert 0.0 <= row["score"] <= 1.0 and len(row["image_id"]) >= 8
     assert rows[0]["image_id"] != rows[1]["image_id"]
@@ -135,8 +135,8 @@ def test_check_unknown_operating_point_exits_2_before_any_work(cli, tamper_env, 
     assert "unknown operating point 'fpr5'" in _err(res) and "fpr1" in _err(res)
 
 
-def test_check_with_a_bundle_without_detector_exits_3(cli, inputs):
-    res = cli("check", inputs / "CT_small.dcm", "--json", "--bundle", REPO / "bundles" / "default")
+def test_check_with_a_bundle_without_detector_exits_3(cli, tamper_env, inputs):
+    res = cli("check", inputs / "CT_small.dcm", "--json", "--bundle", tamper_env.no_detector)
     assert res.exit_code == 3
     assert "no 'tamper_detector' model" in _err(res) and "export tamper" in _err(res)
 
@@ -162,7 +162,7 @@ def test_run_checks_then_watermarks_and_reports(cli, tamper_env, tmp_path):
     assert _digest(SAMPLES) == before, "inputs are never modified"
     report = json.loads((out / "report.json").read_text())
     assert json.loads(res.stdout) == report
-    assert report["tamper_check"] == "fpr1"
+    assert report["tamper_check"] == "fpr0.1"
     assert report["images"] == 2 and report["ok"] == 2 and report["tampered"] == 0
     assert {"check", "embed", "verify", "total"} <= set(report["latency_ms"])
     for record in report["records"]:
@@ -184,7 +184,7 @@ def test_run_with_the_calibrated_bundle_reports_every_verdict(cli, tamper_env, t
     out = tmp_path / "run"
     res = cli("run", SAMPLES, "--out", out, "--json", "--bundle", tamper_env.calibrated, "--threads", "1")
     report = json.loads((out / "report.json").read_text())
-    assert report["tamper_check"] == "fpr1"
+    assert report["tamper_check"] == "fpr0.1"
     assert len(report["records"]) == 2
     for record in report["records"]:
         assert isinstance(record["tamper"], dict) and isinstance(record["tamper"]["tampered"], bool)
@@ -227,9 +227,9 @@ def test_run_unknown_operating_point_exits_2_and_writes_nothing(cli, tamper_env,
     assert not out.exists()
 
 
-def test_run_without_a_detector_skips_the_check(cli, tmp_path):
+def test_run_without_a_detector_skips_the_check(cli, tamper_env, tmp_path):
     out = tmp_path / "run"
-    res = cli("run", SAMPLES / "CT_small.dcm", "--out", out, "--json", "--bundle", REPO / "bundles" / "default",
+    res = cli("run", SAMPLES / "CT_small.dcm", "--out", out, "--json", "--bundle", tamper_env.no_detector,
               "--threads", "1")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
