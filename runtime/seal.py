@@ -116,15 +116,50 @@ def attribute_digest(ds: Dataset, keyword: str) -> bytes:
     return h.digest()
 
 
+def native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The values ``ds.pixel_array`` gives, read straight from an uncompressed little-endian grey
+    buffer (unused high bits masked, signed values sign-extended from BitsStored, as pydicom
+    does); None for anything else, which pydicom then decodes. Skipping pydicom's decoder
+    machinery halves the cost of sealing and verifying a 512x512 image."""
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None or uid.is_compressed or not uid.is_little_endian or "PixelData" not in ds:
+        return None
+    try:
+        samples, allocated = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+        stored, signed = int(ds.BitsStored), bool(int(ds.get("PixelRepresentation", 0)))
+        rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if samples != 1 or allocated not in (8, 16, 32) or not 1 <= stored <= allocated:
+        return None
+    unsigned = np.dtype(f"<u{allocated // 8}")
+    count = rows * cols * frames
+    buffer = ds.PixelData
+    if count <= 0 or len(buffer) < count * unsigned.itemsize:
+        return None
+    arr = np.frombuffer(buffer, unsigned, count=count)
+    if stored < allocated:
+        arr = arr & unsigned.type((1 << stored) - 1)
+        if signed:
+            sign = 1 << (stored - 1)
+            arr = ((arr.astype(np.int64) ^ sign) - sign).astype(f"<i{allocated // 8}")
+    elif signed:
+        arr = arr.view(f"<i{allocated // 8}")
+    return arr.reshape((frames, rows, cols) if frames > 1 else (rows, cols))
+
+
 def _pixel_digest(ds: Dataset) -> bytes:
     h = hashlib.sha256(_lp(_DOMAIN + b"/pixels"))
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         h.update(_lp(_MISSING))
         return h.digest()
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - any decoder failure: we cannot seal what we cannot read
-        raise _Undecodable(type(exc).__name__) from None
+    arr = native_pixels(ds)
+    if arr is None:
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - any decoder failure: we cannot seal what we cannot read
+            raise _Undecodable(type(exc).__name__) from None
     arr = np.ascontiguousarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("<"))
     shape = ",".join(str(n) for n in arr.shape).encode("ascii")
     h.update(_lp(b"P" + arr.dtype.str.encode("ascii")))

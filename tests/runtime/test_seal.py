@@ -264,3 +264,35 @@ def test_non_dicom_module_imports_cleanly():
     # MedicalImage/ImageMeta are untouched by sealing: sealing is a DICOM-only operation.
     image = MedicalImage(np.zeros((16, 16), np.uint16), ImageMeta(bits_stored=16, signed=False))
     assert image.dataset is None
+
+
+@pytest.mark.parametrize("allocated,stored,signed,frames", [
+    (8, 8, False, 1), (8, 6, False, 1), (16, 16, False, 1), (16, 12, False, 1), (16, 16, True, 1),
+    (16, 12, True, 1), (16, 12, True, 3), (32, 32, False, 1), (32, 20, True, 2),
+])
+def test_native_pixels_equal_pydicoms_decoding(allocated, stored, signed, frames):
+    """The fast path must give exactly what pydicom decodes, or seals would not survive a
+    lossless re-encode (which goes through pydicom's decoder)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from medsec_edge.runtime.seal import native_pixels
+
+    rng = np.random.default_rng(allocated * 100 + stored)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 5, 7, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    raw = rng.integers(0, 2**allocated, 5 * 7 * frames, dtype=np.uint64).astype(f"<u{allocated // 8}")
+    ds.PixelData = raw.tobytes() + (b"\0" if raw.nbytes % 2 else b"")  # high bits set on purpose
+    fast = native_pixels(ds)
+    assert fast is not None
+    expected = ds.pixel_array
+    assert fast.dtype == expected.dtype and fast.shape == expected.shape
+    assert np.array_equal(fast, expected)
