@@ -423,6 +423,19 @@ def export_watermark(
                  evaluation=summary)
 
 
+def held_out_images(images: list[Path], pydicom_data: bool) -> list[Path]:
+    """``--images`` plus, with ``--pydicom-data``, that package's folder (the evaluation set)."""
+    if pydicom_data:
+        try:
+            import data_store  # the pydicom-data package
+        except ImportError:
+            raise UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'") from None
+        images = [*images, Path(data_store.__file__).parent / "data"]
+    if not images:
+        raise UsageError("give --images DIR (repeatable) or --pydicom-data")
+    return images
+
+
 @eval_app.command("watermark")
 def eval_watermark(
     images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
@@ -441,15 +454,10 @@ def eval_watermark(
     except ImportError as exc:
         _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
         return
-    if pydicom_data:
-        try:
-            import data_store  # the pydicom-data package
-        except ImportError:
-            _fail(UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'"))
-            return
-        images = [*images, Path(data_store.__file__).parent / "data"]
-    if not images:
-        _fail(UsageError("give --images DIR (repeatable) or --pydicom-data"))
+    try:
+        images = held_out_images(images, pydicom_data)
+    except MedsecError as exc:
+        _fail(exc)
         return
     try:
         run_watermark_eval(images, out, trials=trials, with_baselines=baselines, bundle_path=bundle,
@@ -477,15 +485,10 @@ def eval_tamper(
     except ImportError as exc:
         _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
         return
-    if pydicom_data:
-        try:
-            import data_store  # the pydicom-data package
-        except ImportError:
-            _fail(UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'"))
-            return
-        images = [*images, Path(data_store.__file__).parent / "data"]
-    if not images:
-        _fail(UsageError("give --images DIR (repeatable) or --pydicom-data"))
+    try:
+        images = held_out_images(images, pydicom_data)
+    except MedsecError as exc:
+        _fail(exc)
         return
     import shlex
 

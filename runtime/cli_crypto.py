@@ -168,7 +168,7 @@ def seal(
     from .crypto_keys import KeyRing
     from .dicom_signature import remove_signatures, sign_dataset
     from .errors import InputError, MedsecError, UsageError
-    from .reversible import _write_atomic
+    from .atomic import write_bytes_atomic
     from .seal import seal_dataset
 
     try:
@@ -197,7 +197,7 @@ def seal(
         buf = io.BytesIO()
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(output, buf.getvalue(), input)
+        write_bytes_atomic(output, buf.getvalue(), input)
     except MedsecError as exc:
         _fail(exc)
         return

@@ -56,15 +56,12 @@ def eval_crypto(
     except ValueError:
         _fail(UsageError(f"--pairs takes comma-separated whole numbers such as 1,10,100, got {pairs!r}"))
         return
-    if pydicom_data:
-        try:
-            import data_store  # the pydicom-data package
-        except ImportError:
-            _fail(UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'"))
-            return
-        images = [*images, Path(data_store.__file__).parent / "data"]
-    if not images:
-        _fail(UsageError("give --images DIR (repeatable) or --pydicom-data"))
+    from medsec_edge.runtime.cli import held_out_images
+
+    try:
+        images = held_out_images(images, pydicom_data)
+    except MedsecError as exc:
+        _fail(exc)
         return
     command = shlex.join(["medsec-edge", *sys.argv[1:]])
     try:

@@ -44,10 +44,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import secrets
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +63,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from .crypto_keys import DecryptionKey, RecipientKey, key_id_of
 from .dicom_out import ENCRYPTED_ELEMENT, PRIVATE_CREATOR, PRIVATE_GROUP, WRAPPED_KEY_ELEMENT
 from .errors import DecryptionError, InputError, UsageError
+from .atomic import write_bytes_atomic
 from .seal import attribute_digest
 
 __all__ = [
@@ -575,24 +574,6 @@ def decrypt_dataset(clear: Dataset, keys) -> Dataset:
     return pydicom.dcmread(io.BytesIO(original))
 
 
-def _write_atomic(path: Path, content: bytes, source: Path) -> Path:
-    if path.resolve() == source.resolve():
-        raise UsageError(f"output {path.name} is the input file: inputs are never modified")
-    if not path.parent.is_dir():
-        raise UsageError(f"output folder for {path.name} does not exist: create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(content)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def encrypt_file(src: str | Path, dst: str | Path, study_keys: StudyKeys) -> Path:
     """Encrypt the DICOM file ``src`` (its exact bytes) into a clear-header DICOM file ``dst``."""
     src, dst = Path(src), Path(dst)
@@ -603,7 +584,7 @@ def encrypt_file(src: str | Path, dst: str | Path, study_keys: StudyKeys) -> Pat
         raise InputError(f"{src.name}: not a readable DICOM file ({type(exc).__name__})") from None
     key, wrapped = study_keys.for_study(str(ds.get("StudyInstanceUID", "") or ""))
     clear = _encrypt_original(original, ds, key, wrapped)
-    _write_atomic(dst, _dataset_bytes(clear), src)
+    write_bytes_atomic(dst, _dataset_bytes(clear), src)
     logger.debug(
         "encrypted image %s with data key %s",
         _short_id(str(ds.get("SOPInstanceUID", ""))),
@@ -620,4 +601,4 @@ def decrypt_file(src: str | Path, dst: str | Path, keys) -> Path:
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise InputError(f"{src.name}: not a readable DICOM file ({type(exc).__name__})") from None
     original = _decrypt_original(clear, keys)
-    return _write_atomic(dst, original, src)
+    return write_bytes_atomic(dst, original, src)

@@ -52,9 +52,7 @@ import io
 import json
 import logging
 import lzma
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +82,7 @@ from .encryption import (
     wrap_data_key,
 )
 from .errors import DecryptionError, InputError, UsageError
+from .atomic import write_bytes_atomic
 from .image import MedicalImage
 
 __all__ = [
@@ -433,25 +432,6 @@ def _dataset_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, content: bytes, source: Path | None) -> Path:
-    """Write ``content`` to ``path`` via a temporary file and a rename; never over ``source``."""
-    if source is not None and path.resolve() == source.resolve():
-        raise UsageError(f"output {path.name} is the input file: inputs are never modified")
-    if not path.parent.is_dir():
-        raise UsageError(f"output folder for {path.name} does not exist: create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(content)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_reversible(
     image: MedicalImage,
     marked_pixels: np.ndarray,
@@ -465,7 +445,7 @@ def write_reversible(
     ds = build_reversible_dataset(
         image, marked_pixels, record, watermark_record=watermark_record, description=description
     )
-    return _write_atomic(Path(out_path), _dataset_bytes(ds), image.path)
+    return write_bytes_atomic(Path(out_path), _dataset_bytes(ds), image.path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,7 +642,7 @@ def restore_file(src: str | Path, dst: str | Path, decryption_keys) -> RestoreRe
         raise InputError(f"{src.name}: corrupt DICOM file ({type(exc).__name__})") from None
     marked_uid = str(ds.get("SOPInstanceUID", "") or "")
     out, opened = _restore(ds, decryption_keys)
-    _write_atomic(dst, _dataset_bytes(out), src)
+    write_bytes_atomic(dst, _dataset_bytes(out), src)
     original_id = _short_id(opened.original_sop_uid)
     logger.debug("restored image %s to %s", _short_id(marked_uid), original_id)
     return RestoreResult(

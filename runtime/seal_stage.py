@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from .crypto_keys import KeyRing, new_key_dir
 from .dicom_signature import remove_signatures, sign_dataset
 from .errors import InputError, KeyFileError
-from .reversible import _write_atomic
+from .atomic import write_bytes_atomic
 from .seal import seal_dataset
 
 __all__ = ["KEYS_ENV", "SealResult", "default_keys_path", "load_or_create_ring", "seal_file"]
@@ -88,6 +88,6 @@ def seal_file(path: str | Path, ring: KeyRing) -> SealResult:
     signature_uid = sign_dataset(ds, dicom_signer)  # last: it signs the seal too
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    _write_atomic(path, buf.getvalue(), None)
+    write_bytes_atomic(path, buf.getvalue(), None)
     logger.debug("sealed a written file (seal key %s, DICOM key %s)", signer.key_id, dicom_signer.key_id)
     return SealResult(signer.key_id, dicom_signer.key_id, signature_uid)
