@@ -352,13 +352,17 @@ def train_watermark(
     width: int = typer.Option(12, "--width"),
 ) -> None:
     """Train the watermark networks (resumes from the run folder's checkpoint)."""
+    _train(["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--batch", str(batch),
+            "--width", str(width)], until)
+
+
+def _train(argv: list[str], until: Optional[int]) -> None:
+    """Run a training recipe (train/cli_entry.py), which records this exact command."""
     try:
         from medsec_edge.train.cli_entry import main as train_main
     except ImportError as exc:
         _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
         return
-    argv = ["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--batch", str(batch),
-            "--width", str(width)]
     train_main(argv + (["--until", str(until)] if until is not None else []))
 
 
@@ -372,14 +376,8 @@ def train_tamper(
     width: int = typer.Option(20, "--width"),
 ) -> None:
     """Train the blind tamper detector (resumes from the run folder's checkpoint)."""
-    try:
-        from medsec_edge.train.cli_entry import main as train_main
-    except ImportError as exc:
-        _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
-        return
-    argv = ["--recipe", "tamper", "--out", str(out), "--steps", str(steps), "--seed", str(seed),
-            "--batch", str(batch), "--width", str(width)]
-    train_main(argv + (["--until", str(until)] if until is not None else []))
+    _train(["--recipe", "tamper", "--out", str(out), "--steps", str(steps), "--seed", str(seed),
+            "--batch", str(batch), "--width", str(width)], until)
 
 
 @export_app.command("tamper")
