@@ -63,13 +63,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medsec_edge.runtime.errors import DecryptionError, InputError, UsageError
+from medsec_edge.runtime.errors import DecryptionError, UsageError
 from medsec_edge.runtime.image import MedicalImage, display_window, luminance
-from medsec_edge.runtime.imageio import read_image
-from medsec_edge.runtime.pipeline import collect_inputs
 
+from .held_out import read_held_out
 from .measures import psnr_window, ssim_window
-from .watermark_eval import deduplicate
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +205,9 @@ def held_out_frame(image: MedicalImage, max_side: int) -> tuple[np.ndarray, np.n
 
 
 def load_held_out(images: Sequence[Path], *, max_side: int, dedup: bool = True, min_side: int = 16):
-    paths = collect_inputs([Path(p) for p in images])
-    dropped: list = []
-    if dedup:
-        paths, dropped = deduplicate(paths)
-    loaded, skipped = [], []
-    for path in paths:
-        try:
-            image = read_image(path)
-        except InputError as exc:
-            skipped.append({"name": path.name, "reason": str(exc)})
-            continue
+    images_read, skipped, dropped = read_held_out(images, dedup=dedup)
+    loaded = []
+    for path, image in images_read:
         display_u8, native = held_out_frame(image, max_side)
         if min(display_u8.shape) < min_side:
             skipped.append({"name": path.name, "reason": f"{display_u8.shape} is below {min_side} px"})

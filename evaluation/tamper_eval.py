@@ -33,11 +33,9 @@ from medsec_edge.evaluation.attacks import ATTACKS, attacked_image
 from medsec_edge.evaluation.benign import BENIGN, benign
 from medsec_edge.evaluation.forensic_baselines import HashBaseline, NoiseResidualBaseline
 from medsec_edge.evaluation.manipulations import MANIPULATIONS, manipulate, size_bin_of
-from medsec_edge.evaluation.watermark_eval import deduplicate
+from medsec_edge.evaluation.held_out import read_held_out
 from medsec_edge.runtime.errors import InputError, UsageError
 from medsec_edge.runtime.image import ImageMeta, MedicalImage, display_window, luminance, stored_range
-from medsec_edge.runtime.imageio import read_image
-from medsec_edge.runtime.pipeline import collect_inputs
 from medsec_edge.runtime.tamper import TamperChecker, _upsample_mask
 
 log = logging.getLogger(__name__)
@@ -441,24 +439,18 @@ def run_tamper_eval(images: list[Path], out: Path, *, bundle_path: Path | None =
         raise UsageError("--trials and --benign-trials must be at least 1")
     checker = load_checker(bundle_path, threads=threads)
     pixel_logit = next(iter(checker.operating_points.values())).pixel_logit
-    paths = collect_inputs([Path(p) for p in images])
-    dropped: list = []
-    if dedup:
-        paths, dropped = deduplicate(paths)
-    loaded, skipped = [], []
-    for path in paths:
-        try:
-            image = read_image(path)
-        except InputError as exc:
-            skipped.append({"name": path.name, "reason": str(exc)})
-            continue
+    images_read, skipped, dropped = read_held_out(images, dedup=dedup)
+    if not images_read:
+        raise UsageError(f"no readable image among the {len(skipped)} file(s) given: nothing to evaluate")
+    loaded = []
+    for path, image in images_read:
         frame, meta = grey_frame(image)
         if min(frame.shape) < 64:
             skipped.append({"name": path.name, "reason": f"{frame.shape[0]}x{frame.shape[1]} is below 64 px"})
             continue
         loaded.append((path.name, image.meta.image_id, frame, meta))
     if not loaded:
-        raise UsageError(f"no usable image among {len(paths)} file(s): nothing to evaluate")
+        raise UsageError(f"no usable image (>= 64 px) among {len(images_read)} readable file(s): nothing to evaluate")
     noise = NoiseResidualBaseline()
     samples: list[Sample] = []
     wm_rows: list[dict] = []

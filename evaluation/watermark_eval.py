@@ -50,10 +50,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from medsec_edge.runtime.errors import InputError, MedsecError, UsageError
+from medsec_edge.runtime.errors import MedsecError, UsageError
 from medsec_edge.runtime.image import ImageMeta, MedicalImage, display_window, stored_range
-from medsec_edge.runtime.imageio import read_image
-from medsec_edge.runtime.pipeline import collect_inputs, load_watermarker, percentiles
+from medsec_edge.runtime.pipeline import load_watermarker, percentiles
 from medsec_edge.runtime.watermark import Watermarker
 
 from .attacks import ATTACK_SERIES, ATTACKS, apply_series, attack_image, attacked_image, get_attack
@@ -841,20 +840,11 @@ def run_watermark_eval(
         watermarker, bundle = load_watermarker(bundle_path, threads=threads)
         bundle_desc = f"{bundle.manifest.name} (created {bundle.manifest.created}, key {bundle.key_id})"
 
-    paths = collect_inputs([Path(p) for p in images])
-    dropped: list[dict[str, Any]] = []
-    if dedup:
-        paths, dropped = deduplicate(paths)
+    from medsec_edge.evaluation.held_out import read_held_out
 
-    skipped: list[dict[str, str]] = []
-    loaded: list[tuple[Path, MedicalImage]] = []
-    for path in paths:
-        try:
-            loaded.append((path, read_image(path)))
-        except InputError as exc:
-            skipped.append({"name": path.name, "reason": str(exc).removeprefix(f"{path.name}: ")})
+    loaded, skipped, dropped = read_held_out(images, dedup=dedup)
     if not loaded:
-        raise UsageError(f"no readable image among {len(paths)} file(s) given: nothing to evaluate")
+        raise UsageError(f"no readable image among {len(skipped)} file(s) given: nothing to evaluate")
 
     for baseline in chosen:  # the first call of each imports its package
         warm = np.tile(np.arange(256, dtype=np.uint8), (256, 1))

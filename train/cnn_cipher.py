@@ -46,7 +46,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import shlex
 import sys
 import time
@@ -59,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medsec_edge.train.data import ImagePool, phantom
+from medsec_edge.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -425,12 +425,6 @@ class CipherConfig:
     checkpoint_every: int = 250
     pool_size: int = 600
     threads: int = 2
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def validation_images(seed: int, n: int = 8, size: int = 128) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medsec_edge.evaluation.manipulations import MANIPULATIONS
+from medsec_edge.train.seeding import seed_everything
 from medsec_edge.train.tamper_data import HELD_OUT_FAMILY, TRAIN_FAMILIES, TamperSamples
 from medsec_edge.train.tamper_model import TamperNet
 
@@ -44,12 +44,6 @@ class TamperConfig:
     checkpoint_every: int = 250
     threads: int = 2
     workers: int = 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class _Batches(torch.utils.data.IterableDataset):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from medsec_edge.runtime.wm_spec import CODE_BITS, TILE
 from medsec_edge.train import attacks as A
 from medsec_edge.train.data import ImagePool
 from medsec_edge.train.models import WatermarkNet, fold
+from medsec_edge.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,6 @@ class TrainConfig:
     checkpoint_every: int = 250
     pool_size: int = 1500  # synthetic images kept in memory, refreshed as training goes
     threads: int = 2
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
