@@ -157,9 +157,11 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     except InputError as exc:
         return RunRecord(image_id="", input=str(path), output=None, status="bad_input", reason=str(exc))
     lat["read"] = (time.perf_counter() - t0) * 1e3
-    if reversible_to is not None and (image.dataset is None or FORMAT_BY_SUFFIX.get(out_path.suffix.lower(), "dicom") != "dicom"):
+    dicom_out = FORMAT_BY_SUFFIX.get(out_path.suffix.lower(), "dicom") == "dicom"
+    if reversible_to is not None and (image.dataset is None or not dicom_out):
         return RunRecord(image_id=image.meta.image_id, input=str(path), output=None, status="bad_input",
-                         reason="--reversible needs a DICOM input and a DICOM output (the record lives in its private block)")
+                         reason="--reversible needs a DICOM input and a DICOM output "
+                                "(the record lives in its private block)")
     tamper = None
     if checker is not None:
         tc = time.perf_counter()
