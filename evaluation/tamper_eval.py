@@ -32,11 +32,11 @@ from medsec_edge.evaluation import detection_metrics as dm
 from medsec_edge.evaluation.attacks import ATTACKS, attacked_image
 from medsec_edge.evaluation.benign import BENIGN, benign
 from medsec_edge.evaluation.forensic_baselines import HashBaseline, NoiseResidualBaseline
-from medsec_edge.evaluation.manipulations import MANIPULATIONS, manipulate, size_bin_of
 from medsec_edge.evaluation.held_out import read_held_out
+from medsec_edge.evaluation.manipulations import MANIPULATIONS, manipulate, size_bin_of
 from medsec_edge.runtime.errors import InputError, UsageError
 from medsec_edge.runtime.image import ImageMeta, MedicalImage, display_window, luminance, stored_range
-from medsec_edge.runtime.tamper import TamperChecker, _upsample_mask
+from medsec_edge.runtime.tamper import TamperChecker, upsample_mask
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _score_blind(checker: TamperChecker, sample: Sample, pixel_logit: float) -> 
     sample.scores["blind_ms"] = (time.perf_counter() - t0) * 1e3
     sample.scores["blind"] = blind.logit
     if sample.label:
-        pred = _upsample_mask(blind.mask_logits >= pixel_logit, blind.stride, sample.mask.shape)
+        pred = upsample_mask(blind.mask_logits >= pixel_logit, blind.stride, sample.mask.shape)
         sample.scores["pixel_f1"], sample.scores["pixel_iou"] = dm.pixel_scores(pred, sample.mask)
         sample.extra["pred_mask"] = pred
 
@@ -411,8 +411,8 @@ def plot(summary_samples: list[Sample], wm_rows: list[dict], path: Path) -> Path
     ax.set_title("ROC (held-out images)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    examples = [s for s in summary_samples if s.label and "pred_mask" in s.extra and s.step is None][:5:1]
-    for i, s in enumerate(examples[:5]):
+    examples = [s for s in summary_samples if s.label and "pred_mask" in s.extra and s.step is None][:5]
+    for i, s in enumerate(examples):
         axi = fig.add_subplot(2, 3, i + 2)
         disp = s.pixels.astype(np.float64)
         lo, hi = np.percentile(disp, [1, 99])

@@ -21,7 +21,7 @@ from medsec_edge.evaluation.attacks import ATTACKS
 from medsec_edge.evaluation.detection_metrics import threshold_at_fpr
 from medsec_edge.runtime.errors import InputError
 from medsec_edge.runtime.image import MedicalImage, display_window, stored_range
-from medsec_edge.runtime.tamper import TamperChecker, _upsample_mask
+from medsec_edge.runtime.tamper import TamperChecker, upsample_mask
 from medsec_edge.train.tamper_data import TRAIN_FAMILIES, TamperSamples
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def pixel_threshold(checker: TamperChecker, n: int, progress: bool = True) -> tu
             continue
         blind = checker.blind(frame, meta)
         for t in PIXEL_LOGITS:
-            pred = _upsample_mask(blind.mask_logits >= t, blind.stride, mask.shape)
+            pred = upsample_mask(blind.mask_logits >= t, blind.stride, mask.shape)
             union = np.logical_or(pred, mask).sum()
             ious[t].append(float(np.logical_and(pred, mask).sum() / union) if union else 1.0)
     means = {t: float(np.mean(v)) if v else 0.0 for t, v in ious.items()}

@@ -135,7 +135,7 @@ def components(mask: np.ndarray) -> list[tuple[int, int, int, int, int]]:
     return boxes
 
 
-def _upsample_mask(cells: np.ndarray, stride: float, shape_hw: tuple[int, int]) -> np.ndarray:
+def upsample_mask(cells: np.ndarray, stride: float, shape_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour upsampling of a cell mask to native pixels."""
     h, w = shape_hw
     ys = np.minimum((np.arange(h) / stride).astype(np.intp), cells.shape[0] - 1)
@@ -229,7 +229,7 @@ class TamperChecker:
         h, w = frames[0].shape[:2]
         regions: list[Region] = []
         blind_cells = blind.mask_logits >= op.pixel_logit
-        mask = _upsample_mask(blind_cells, blind.stride, (h, w))
+        mask = upsample_mask(blind_cells, blind.stride, (h, w))
         if logit >= op.blind_logit:
             reasons.append("blind detector")
             regions += self._regions(blind_cells, blind.stride, best_frame, "blind", (h, w))
@@ -252,7 +252,7 @@ class TamperChecker:
                         reasons.append("watermark lost in a region")
                         cells = worst.lost(op.wm_deficit)
                         regions += self._regions(cells, float(worst.factor), worst_index, "watermark", (h, w))
-                        wm_mask = _upsample_mask(cells, float(worst.factor), (h, w))
+                        wm_mask = upsample_mask(cells, float(worst.factor), (h, w))
                         if worst_index == best_frame:
                             mask = mask | wm_mask
                         elif "blind detector" not in reasons:  # show the frame that flagged it
