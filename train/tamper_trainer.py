@@ -40,6 +40,8 @@ class TamperConfig:
     dice_weight: float = 0.5
     image_weight: float = 1.0
     p_watermark: float = 0.35
+    p_real: float = 0.2  # share of crops from pydicom's own (real) files
+    init: str = ""  # start from this checkpoint's weights (fine-tuning); the run is new otherwise
     val_size: int = 384
     checkpoint_every: int = 250
     threads: int = 2
@@ -119,7 +121,7 @@ class TamperTrainer:
         self.history: list[dict] = []
         self.commands = [command]
         self.samples = TamperSamples(config.seed, config.crop, p_watermark=config.p_watermark,
-                                     benign_ramp=config.steps * config.batch // 4)
+                                     p_real=config.p_real, benign_ramp=config.steps * config.batch // 4)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -196,6 +198,10 @@ class TamperTrainer:
 
         if self.resume():
             log.info("resumed at step %d", self.step)
+        elif self.cfg.init:
+            state = torch.load(self.cfg.init, weights_only=False, map_location="cpu")
+            self.net.load_state_dict(state["net"])
+            log.info("initialised from %s (step %d of its run)", self.cfg.init, state["step"])
         last = self.cfg.steps if until is None else min(until, self.cfg.steps)
         loader = torch.utils.data.DataLoader(
             _Batches(self.samples, self.cfg.batch, self.step, last), batch_size=None,

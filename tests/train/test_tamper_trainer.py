@@ -163,3 +163,21 @@ def test_cli_trains_and_writes_outputs(tmp_path):
     assert state["step"] == 2
     assert state["config"]["width"] == 4 and state["config"]["steps"] == 2
     assert "--recipe tamper" in state["command"]
+
+
+def test_init_starts_a_new_run_from_another_checkpoint(tmp_path):
+    """Fine-tuning: --init loads the weights, then trains (a zero learning rate leaves them as
+    they were); the new run records its own step count and command."""
+    import dataclasses
+
+    import torch
+
+    source = TamperTrainer(TINY, tmp_path / "a", command="a")
+    source.run(progress=False)
+    cfg = dataclasses.replace(TINY, steps=1, lr=0.0, init=str(tmp_path / "a" / "checkpoint.pt"))
+    tuned = TamperTrainer(cfg, tmp_path / "b", command="b")
+    tuned.run(progress=False)
+    assert tuned.step == 1 and tuned.commands == ["b"]
+    convs = [n for n, p in source.net.named_parameters() if p.dim() == 4]
+    src, got = dict(source.net.named_parameters()), dict(tuned.net.named_parameters())
+    assert convs and all(torch.equal(src[n], got[n]) for n in convs)
