@@ -453,13 +453,8 @@ def eval_watermark(
         _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
         return
     try:
-        images = held_out_images(images, pydicom_data)
-    except MedsecError as exc:
-        _fail(exc)
-        return
-    try:
-        run_watermark_eval(images, out, trials=trials, with_baselines=baselines, bundle_path=bundle,
-                           threads=threads, seed=seed, baseline_trials=baseline_trials)
+        run_watermark_eval(held_out_images(images, pydicom_data), out, trials=trials, with_baselines=baselines,
+                           bundle_path=bundle, threads=threads, seed=seed, baseline_trials=baseline_trials)
     except MedsecError as exc:
         _fail(exc)
 
@@ -483,16 +478,11 @@ def eval_tamper(
     except ImportError as exc:
         _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
         return
-    try:
-        images = held_out_images(images, pydicom_data)
-    except MedsecError as exc:
-        _fail(exc)
-        return
     import shlex
 
     command = shlex.join(["medsec-edge", *sys.argv[1:]])
     try:
-        run_tamper_eval(images, out, bundle_path=bundle, threads=threads, seed=seed, trials=trials,
+        run_tamper_eval(held_out_images(images, pydicom_data), out, bundle_path=bundle, threads=threads, seed=seed, trials=trials,
                         benign_trials=benign_trials, watermark=watermark, command=command)
     except MedsecError as exc:
         _fail(exc)

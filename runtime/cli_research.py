@@ -58,14 +58,9 @@ def eval_crypto(
         return
     from medsec_edge.runtime.cli import held_out_images
 
-    try:
-        images = held_out_images(images, pydicom_data)
-    except MedsecError as exc:
-        _fail(exc)
-        return
     command = shlex.join(["medsec-edge", *sys.argv[1:]])
     try:
-        run_crypto_eval(images, out, cipher_checkpoint=cipher, seed=seed, trials=trials, pairs=pair_counts,
+        run_crypto_eval(held_out_images(images, pydicom_data), out, cipher_checkpoint=cipher, seed=seed, trials=trials, pairs=pair_counts,
                         surrogate_steps=surrogate_steps, max_side=max_side, panels=panels, threads=threads,
                         command=command)
     except MedsecError as exc:

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 from cryptography.x509.oid import NameOID
 
 from .errors import KeyFileError
+from .keys import read_key_file
 
 __all__ = [
     "KEYSET_FILE",
@@ -211,35 +211,11 @@ def _write_exclusive(path: Path, content: bytes, mode: int) -> None:
 
 def _read_file(path: Path, *, private: bool) -> bytes:
     """Read a key file; a private one must be a regular file only its owner can access."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"key file {path} is missing: create keys with 'medsec-edge keys new'"
-        ) from None
-    except IsADirectoryError:
-        raise KeyFileError(f"key file {path} is a directory, expected a file") from None
-    except PermissionError:
-        raise KeyFileError(f"cannot read key file {path}: permission denied") from None
-    try:
-        st = os.fstat(fd)  # the file we opened, not whatever the path names now
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        # POSIX permission bits mean nothing on Windows; there the ACL is the user's job.
-        if private and os.name == "posix" and st.st_mode & 0o077:
-            raise KeyFileError(
-                f"private key {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); anyone who can read it can sign or "
-                f"decrypt as this device. Fix: chmod 600 {path}"
-            )
-        if st.st_size > _MAX_FILE_BYTES:
-            raise KeyFileError(
-                f"key file {path} is {st.st_size} bytes, a key file is under {_MAX_FILE_BYTES}"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            return fh.read(_MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
+    return read_key_file(
+        path, what="key file", max_bytes=_MAX_FILE_BYTES, missing=f"key file {path} is missing: "
+        "create keys with 'medsec-edge keys new'", private="private key" if private else None,
+        consequence="sign or decrypt as this device",
+    )
 
 
 def _private_pem(key) -> bytes:

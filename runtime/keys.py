@@ -77,16 +77,39 @@ def default_key_path() -> Path:
     return Path.home() / ".config" / "medsec-edge" / "watermark.key"
 
 
-def _check_private(path: Path, st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"watermark key {path} is not a regular file")
-    # POSIX permission bits mean nothing on Windows; there the file's ACL is the user's job.
-    if os.name == "posix" and st.st_mode & 0o077:
-        raise KeyFileError(
-            f"watermark key {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); anyone who can read it can forge "
-            f"watermarks. Fix: chmod 600 {path}"
-        )
+def read_key_file(path: Path, *, what: str, missing: str, max_bytes: int,
+                  private: str | None = None, consequence: str = "") -> bytes:
+    """Read a small key file safely; shared by the watermark key and the crypto key sets.
+
+    The file is opened once and checked through its descriptor (a regular file, not too large,
+    and, when ``private`` names it, accessible by its owner only), so a path swapped between
+    check and read cannot slip through. Messages name the file, never its content.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise KeyFileError(missing) from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{what} {path} is a directory, expected a key file") from None
+    except PermissionError:
+        raise KeyFileError(f"cannot read {what} {path}: permission denied") from None
+    try:
+        st = os.fstat(fd)  # the file we opened, not whatever the path names now
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{what} {path} is not a regular file")
+        # POSIX permission bits mean nothing on Windows; there the file's ACL is the user's job.
+        if private and os.name == "posix" and st.st_mode & 0o077:
+            raise KeyFileError(
+                f"{private} {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); anyone who can read it can {consequence}. "
+                f"Fix: chmod 600 {path}"
+            )
+        if st.st_size > max_bytes:
+            raise KeyFileError(f"{what} {path} is {st.st_size} bytes, a key file is under {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(max_bytes + 1)
+    finally:
+        os.close(fd)
 
 
 def _parse(path: Path, raw: bytes) -> WatermarkKey:
@@ -126,28 +149,12 @@ def _parse(path: Path, raw: bytes) -> WatermarkKey:
 def load_key(path: Path) -> WatermarkKey:
     """Read an existing key file; refuse one that is missing, malformed or not owner-only."""
     path = Path(path).expanduser()
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"no watermark key at {path}: create one with 'medsec-edge keys new', "
-            f"or point ${KEY_ENV} at an existing key file"
-        ) from None
-    except IsADirectoryError:
-        raise KeyFileError(f"watermark key {path} is a directory, expected a key file") from None
-    except PermissionError:
-        raise KeyFileError(f"cannot read watermark key {path}: permission denied") from None
-    try:
-        st = os.fstat(fd)  # the file we opened, not whatever the path names now
-        _check_private(path, st)
-        if st.st_size > _MAX_FILE_BYTES:
-            raise KeyFileError(
-                f"watermark key {path} is {st.st_size} bytes, a key file is under {_MAX_FILE_BYTES}"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            raw = fh.read(_MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
+    raw = read_key_file(
+        path, what="watermark key", max_bytes=_MAX_FILE_BYTES, private="watermark key",
+        consequence="forge watermarks",
+        missing=f"no watermark key at {path}: create one with 'medsec-edge keys new', "
+                f"or point ${KEY_ENV} at an existing key file",
+    )
     return _parse(path, raw)
 
 

@@ -164,6 +164,11 @@ class TamperChecker:
         # The watermark is read at its nominal geometry only unless ``search``: an unmarked input
         # (what `run` sees) would otherwise pay the full lattice search, ~350 ms at 512x512.
         self.search = search
+        self._readout_unit = None
+        if watermarker is not None:  # the unit-norm readout patterns, once (each map needs them)
+            readout = np.asarray(watermarker.models.readout, dtype=np.float64)
+            norms = np.linalg.norm(readout.reshape(len(readout), -1), axis=1)[:, None, None]
+            self._readout_unit = readout / (norms + 1e-12)
         warm = np.zeros((1, 1, 64, 64), np.float32)
         self.session.run({"image": warm})  # first run plans and allocates; keep it out of timings
 
@@ -195,9 +200,7 @@ class TamperChecker:
         if self.watermarker is None or reading is None:
             return []
         models = self.watermarker.models
-        readout = np.asarray(models.readout, dtype=np.float64)
-        readout = readout / (np.linalg.norm(readout.reshape(len(readout), -1), axis=1)[:, None, None] + 1e-12)
-        ideal = ideal_tile(reading.code_bits, readout)
+        ideal = ideal_tile(reading.code_bits, self._readout_unit)
         folded = np.mean([fold(s, reading.lattice) for s in reading.signals], axis=0)
         tile = aligned_tile(folded, ideal)
         frames = image.frames()
