@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from medsec_edge.runtime.image import ImageMeta, MedicalImage
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 
 
 def _held_out_frame(name: str) -> np.ndarray:

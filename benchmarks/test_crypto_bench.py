@@ -29,10 +29,10 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from medsec_edge.runtime.crypto_keys import KeyRing, new_key_dir
-from medsec_edge.runtime.dicom_signature import sign_dataset, verify_signatures
-from medsec_edge.runtime.encryption import Binding, DataKey, decrypt_frames, encrypt_frames
-from medsec_edge.runtime.seal import seal_dataset, verify_dataset
+from medsec_edge.runtime.crypto.keyset import KeyRing, new_key_dir
+from medsec_edge.runtime.crypto.dicom_signature import sign_dataset, verify_signatures
+from medsec_edge.runtime.crypto.encryption import Binding, DataKey, decrypt_frames, encrypt_frames
+from medsec_edge.runtime.crypto.seal import seal_dataset, verify_dataset
 
 ROUNDS = {"512": 30, "2048": 8}  # pedantic rounds: a few seconds per benchmark at most
 

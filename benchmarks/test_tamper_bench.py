@@ -20,7 +20,7 @@ PAYLOAD = bytes.fromhex("0123456789abcdef")
 def checker(watermarker):
     from medsec_edge.runtime.bundle import open_bundle
     from medsec_edge.runtime.pipeline import default_bundle_path
-    from medsec_edge.runtime.tamper import MODEL_NAME, TamperChecker
+    from medsec_edge.runtime.tamper.checker import MODEL_NAME, TamperChecker
 
     bundle = open_bundle(default_bundle_path())
     if MODEL_NAME not in bundle.manifest.models:

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from medsec_edge.runtime.image import display_window
+from medsec_edge.runtime.io.image import display_window
 
 PAYLOAD = bytes.fromhex("0123456789abcdef")
 

@@ -54,7 +54,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import DisplayWindow, ImageMeta, MedicalImage, display_window, stored_range
+from medsec_edge.runtime.io.image import DisplayWindow, ImageMeta, MedicalImage, display_window, stored_range
 
 log = logging.getLogger(__name__)
 

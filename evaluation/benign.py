@@ -31,7 +31,7 @@ from PIL import Image
 
 from medsec_edge.evaluation import attacks
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import DisplayWindow
+from medsec_edge.runtime.io.image import DisplayWindow
 
 
 @dataclass(frozen=True)

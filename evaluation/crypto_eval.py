@@ -64,7 +64,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from medsec_edge.runtime.errors import DecryptionError, UsageError
-from medsec_edge.runtime.image import MedicalImage, display_window, luminance
+from medsec_edge.runtime.io.image import MedicalImage, display_window, luminance
 
 from .held_out import read_held_out
 from .measures import psnr_window, ssim_window
@@ -225,23 +225,23 @@ class _Aes:
     """The runtime's AES-256-GCM blobs, and the ciphertext part of them as a cipher image."""
 
     def __init__(self, rng: np.random.Generator):
-        from medsec_edge.runtime.encryption import DataKey
+        from medsec_edge.runtime.crypto.encryption import DataKey
 
         self.key = DataKey(rng.bytes(16), rng.bytes(32))
 
     def binding(self, image_id: str):
-        from medsec_edge.runtime.encryption import Binding
+        from medsec_edge.runtime.crypto.encryption import Binding
 
         return Binding(_BINDING_UIDS[0], _BINDING_UIDS[1], image_id or "unknown")
 
     def encrypt(self, plaintext: bytes, binding, key=None) -> bytes:
-        from medsec_edge.runtime.encryption import encrypt_bytes
+        from medsec_edge.runtime.crypto.encryption import encrypt_bytes
 
         return encrypt_bytes(key or self.key, plaintext, binding)
 
     def decrypt(self, blob: bytes, binding, key=None) -> bytes | None:
         """The plaintext, or None where AES-GCM refuses (wrong key, changed data)."""
-        from medsec_edge.runtime.encryption import decrypt_bytes
+        from medsec_edge.runtime.crypto.encryption import decrypt_bytes
 
         try:
             return decrypt_bytes(key or self.key, blob, binding)
@@ -254,7 +254,7 @@ class _Aes:
         return np.frombuffer(blob[len(blob) - 16 - n : len(blob) - 16], np.uint8)
 
     def other_key(self, secret: bytes):
-        from medsec_edge.runtime.encryption import DataKey
+        from medsec_edge.runtime.crypto.encryption import DataKey
 
         return DataKey(self.key.key_id, secret)  # same id: the refusal is the tag's, not the id check
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medsec_edge.runtime.errors import InputError
-from medsec_edge.runtime.image import MedicalImage
-from medsec_edge.runtime.imageio import read_image
+from medsec_edge.runtime.io.image import MedicalImage
+from medsec_edge.runtime.io.files import read_image
 from medsec_edge.runtime.pipeline import collect_inputs
 
 

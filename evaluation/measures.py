@@ -14,7 +14,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import MedicalImage, display_window
+from medsec_edge.runtime.io.image import MedicalImage, display_window
 
 DISPLAY_PEAK = 255.0
 SSIM_SIGMA = 1.5

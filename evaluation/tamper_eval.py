@@ -35,8 +35,8 @@ from medsec_edge.evaluation.forensic_baselines import HashBaseline, NoiseResidua
 from medsec_edge.evaluation.held_out import read_held_out
 from medsec_edge.evaluation.manipulations import MANIPULATIONS, manipulate, size_bin_of
 from medsec_edge.runtime.errors import InputError, UsageError
-from medsec_edge.runtime.image import ImageMeta, MedicalImage, display_window, luminance, stored_range
-from medsec_edge.runtime.tamper import TamperChecker, upsample_mask
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage, display_window, luminance, stored_range
+from medsec_edge.runtime.tamper.checker import TamperChecker, upsample_mask
 
 log = logging.getLogger(__name__)
 

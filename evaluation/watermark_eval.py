@@ -51,9 +51,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medsec_edge.runtime.errors import MedsecError, UsageError
-from medsec_edge.runtime.image import ImageMeta, MedicalImage, display_window, stored_range
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage, display_window, stored_range
 from medsec_edge.runtime.pipeline import load_watermarker, percentiles
-from medsec_edge.runtime.watermark import Watermarker
+from medsec_edge.runtime.watermark.watermarker import Watermarker
 
 from .attacks import ATTACK_SERIES, ATTACKS, apply_series, attack_image, attacked_image, get_attack
 from .baselines import BASELINES, PAYLOAD_BITS, Baseline, available_baselines

@@ -20,8 +20,8 @@ import numpy as np
 from medsec_edge.evaluation.attacks import ATTACKS
 from medsec_edge.evaluation.detection_metrics import threshold_at_fpr
 from medsec_edge.runtime.errors import InputError
-from medsec_edge.runtime.image import MedicalImage, display_window, stored_range
-from medsec_edge.runtime.tamper import TamperChecker, upsample_mask
+from medsec_edge.runtime.io.image import MedicalImage, display_window, stored_range
+from medsec_edge.runtime.tamper.checker import TamperChecker, upsample_mask
 from medsec_edge.train.tamper_data import TRAIN_FAMILIES, TamperSamples
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def calibrate(checker: TamperChecker, sizes: CalibrationSizes = CalibrationSizes
     if checker.watermarker is not None and sizes.watermarked:
         # The OR rule needs provisional operating points to run the check; the watermark rule is
         # switched off (infinite threshold) while its own statistics are collected.
-        from medsec_edge.runtime.tamper import OperatingPoint
+        from medsec_edge.runtime.tamper.checker import OperatingPoint
 
         checker.operating_points = {"fpr1": OperatingPoint("fpr1", 0.01, blind_thresholds["fpr1"], np.inf)}
         wm = watermark_negatives(checker, sizes.watermarked, progress)

@@ -21,7 +21,7 @@ import numpy as np
 from medsec_edge.export.watermark_export import DEFAULT_SIGNING_KEY, OPSET
 from medsec_edge.runtime.bundle import generate_signing_key, load_signing_key, open_bundle, write_bundle
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.tamper import MODEL_NAME
+from medsec_edge.runtime.tamper.checker import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def load_detector(checkpoint: Path):
 
 def _probes() -> list[np.ndarray]:
     """Detector inputs from training-safe pydicom files and a phantom, several sizes (mult. of 8)."""
-    from medsec_edge.runtime.tamper_input import detector_input
+    from medsec_edge.runtime.tamper.detector_input import detector_input
     from medsec_edge.train.tamper_data import TamperSamples
 
     gen = TamperSamples(12345, crop=64, side=256)
@@ -89,9 +89,9 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
         raise UsageError(f"checkpoint {checkpoint} does not exist: train one with 'medsec-edge train tamper'")
     from medsec_edge.export.tamper_calibration import CalibrationSizes, calibrate
     from medsec_edge.runtime.backends import get_backend
-    from medsec_edge.runtime.tamper import OperatingPoint, TamperChecker
-    from medsec_edge.runtime.watermark import Watermarker
-    from medsec_edge.runtime.wm_models import BundleWatermarkModels
+    from medsec_edge.runtime.tamper.checker import OperatingPoint, TamperChecker
+    from medsec_edge.runtime.watermark.watermarker import Watermarker
+    from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 
     bundle_dir = Path(bundle_dir)
     out_dir = Path(out_dir) if out_dir is not None else bundle_dir

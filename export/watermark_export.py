@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medsec_edge.runtime.bundle import generate_signing_key, key_id, load_signing_key, write_bundle
-from medsec_edge.runtime.wm_spec import CODE_BITS, TILE, WORK_SIDE
+from medsec_edge.runtime.watermark.spec import CODE_BITS, TILE, WORK_SIDE
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .backends.base import Session, TensorSpec
-from .errors import BundleError, KeyFileError, UsageError
+from medsec_edge.runtime.backends.base import Session, TensorSpec
+from medsec_edge.runtime.errors import BundleError, KeyFileError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def _compatibility(entry: ModelEntry, device_probe: Callable[[], Any]) -> str | 
             return "target 'onnxruntime' needs onnxruntime, which is not installed: pip install onnxruntime"
         return None
     if entry.is_tensorrt:
-        from .backends import tensorrt_backend as trt_backend
+        from medsec_edge.runtime.backends import tensorrt_backend as trt_backend
 
         try:
             wanted = trt_backend.EngineTarget.parse(target)
@@ -494,7 +494,7 @@ def _compatibility(entry: ModelEntry, device_probe: Callable[[], Any]) -> str | 
 
 
 def _default_device_probe() -> Any:
-    from .backends.tensorrt_backend import probe_device
+    from medsec_edge.runtime.backends.tensorrt_backend import probe_device
 
     return probe_device()
 
@@ -612,7 +612,7 @@ class Bundle:
         **options: Any,
     ) -> Session:
         """Load model ``name`` into a backend session (backend: from the model's target by default)."""
-        from .backends import get_backend
+        from medsec_edge.runtime.backends import get_backend
 
         entry = self.model(name)
         reason = self.compatibility.get(name)

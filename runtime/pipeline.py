@@ -17,15 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, open_bundle
-from .dicom_out import identity_of
-from .errors import BundleError, InputError, MedsecError
-from .image import MedicalImage
-from .imageio import FORMAT_BY_SUFFIX, read_image, write_image
-from .keys import WatermarkKey
-from .payload import PayloadCodec, identity_payload
-from .watermark import Extraction, Watermarker
-from .wm_models import BundleWatermarkModels
+from medsec_edge.runtime.bundle import Bundle, open_bundle
+from medsec_edge.runtime.errors import BundleError, InputError, MedsecError
+from medsec_edge.runtime.io.image import MedicalImage
+from medsec_edge.runtime.io.files import FORMAT_BY_SUFFIX, read_image, write_image
+from medsec_edge.runtime.crypto.sealing import seal_file
+from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
+from medsec_edge.runtime.tamper.checker import TamperChecker
+from medsec_edge.runtime.watermark.identity import payload_for
+from medsec_edge.runtime.watermark.payload import PayloadCodec
+from medsec_edge.runtime.watermark.watermarker import Watermarker
+from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +56,8 @@ def load_watermarker(bundle_path: Path | None = None, *, threads: int | None = N
 def load_checker(bundle_path: Path | None = None, *, key: WatermarkKey | None = None,
                  threads: int | None = None, backend: str | None = None):
     """The tamper check of a verified bundle, watermark-aware (identity too when ``key`` is given)."""
-    from .tamper import TamperChecker
-
     watermarker, bundle = load_watermarker(bundle_path, threads=threads, backend=backend)
     return TamperChecker.from_bundle(bundle, watermarker=watermarker, key=key, backend=backend, threads=threads)
-
-
-def payload_for(image: MedicalImage, key: WatermarkKey | None, explicit: bytes | None) -> tuple[bytes, str]:
-    """The 8 payload bytes and how they were chosen ('explicit' or 'identity-hmac')."""
-    if explicit is not None:
-        return explicit, "explicit"
-    if key is None:
-        raise MedsecError("no watermark key: pass --key or --payload")
-    return identity_payload(identity_of(image), key.secret, key.key_id), "identity-hmac"
-
-
-def identity_match(image: MedicalImage, extraction: Extraction, key: WatermarkKey | None) -> bool | None:
-    """Does the found payload equal this image's identity MAC? None when it cannot be told."""
-    if not extraction.found or key is None or image.meta.source_format != "dicom":
-        return None
-    expected = identity_payload(identity_of(image), key.secret, key.key_id)
-    return extraction.payload == expected.hex()
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
@@ -199,7 +182,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
             written = write_image(image, embedded.pixels, out_path, record=record,
                                   description="Invisible watermark embedded by medsec-edge")
         else:
-            from .reversible import record_for_image, write_reversible
+            from medsec_edge.runtime.crypto.reversible import record_for_image, write_reversible
 
             reversible = record_for_image(image, embedded.pixels, reversible_to)
             record["reversible"] = reversible.to_dict()  # sizes and key ids only
@@ -245,8 +228,6 @@ def _seal_output(written: Path | None, image: MedicalImage, keyring,
     fmt = FORMAT_BY_SUFFIX.get(Path(written).suffix.lower(), image.meta.source_format)
     if fmt != "dicom":
         return {"seal_reason": f"{fmt.upper()} output cannot carry a seal (DICOM only): not sealed"}, False
-    from .seal_stage import seal_file
-
     ts = time.perf_counter()
     try:
         result = seal_file(written, keyring)

@@ -85,7 +85,7 @@ def derive_bundle(source: Path, target: Path, signing_key: Path, trust_dir: Path
 def strip_detector(source: Path, target: Path, signing_key: Path, trust_dir: Path) -> Path:
     """``source`` without its tamper detector and thresholds (the watermark models only), re-signed."""
     from medsec_edge.runtime.bundle import open_bundle, write_bundle
-    from medsec_edge.runtime.tamper import MODEL_NAME
+    from medsec_edge.runtime.tamper.checker import MODEL_NAME
 
     bundle = open_bundle(source, trusted_keys=trust_dir)
     data = bundle.manifest.to_dict()
@@ -187,7 +187,7 @@ def ct_path() -> Path:
 
 @pytest.fixture
 def ct_image(ct_path):
-    from medsec_edge.runtime.imageio import read_image
+    from medsec_edge.runtime.io.files import read_image
 
     return read_image(ct_path)
 

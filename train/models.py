@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsec_edge.runtime.wm_spec import CODE_BITS, TILE
+from medsec_edge.runtime.watermark.spec import CODE_BITS, TILE
 
 
 class MessageEncoder(nn.Module):

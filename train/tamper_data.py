@@ -19,8 +19,8 @@ from scipy import ndimage
 from medsec_edge.evaluation.benign import benign
 from medsec_edge.evaluation.manipulations import MANIPULATIONS, manipulate
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import ImageMeta, display_window, stored_range
-from medsec_edge.runtime.tamper_input import normalise
+from medsec_edge.runtime.io.image import ImageMeta, display_window, stored_range
+from medsec_edge.runtime.tamper.detector_input import normalise
 from medsec_edge.train.data import phantom
 
 HELD_OUT_FAMILY = "splice"  # never trained on: the evaluation reports it separately
@@ -65,7 +65,7 @@ def _load_real() -> list[Source]:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from medsec_edge.runtime.imageio import read_image
+    from medsec_edge.runtime.io.files import read_image
 
     out = []
     for name in REAL_FILES:
@@ -149,7 +149,7 @@ class TamperSamples:
         info: dict = {"kind": "genuine", "benign": None, "watermarked": False}
         if self.p_watermark and rng.random() < self.p_watermark:
             from medsec_edge.runtime.errors import InputError
-            from medsec_edge.runtime.image import MedicalImage
+            from medsec_edge.runtime.io.image import MedicalImage
 
             try:
                 payload = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsec_edge.runtime.wm_spec import CODE_BITS, TILE
+from medsec_edge.runtime.watermark.spec import CODE_BITS, TILE
 from medsec_edge.train import attacks as A
 from medsec_edge.train.data import ImagePool
 from medsec_edge.train.models import WatermarkNet, fold

@@ -21,11 +21,11 @@ import numpy as np
 import pydicom
 
 from medsec_edge.evaluation.watermark_eval import deduplicate
-from medsec_edge.runtime.crypto_keys import KeyRing, new_key_dir
+from medsec_edge.runtime.crypto.keyset import KeyRing, new_key_dir
 from medsec_edge.runtime.errors import InputError
 from medsec_edge.runtime.pipeline import collect_inputs, load_watermarker, watermark_file
-from medsec_edge.runtime.reversible import restore_file
-from medsec_edge.runtime.seal import seal_dataset, verify_dataset
+from medsec_edge.runtime.crypto.reversible import restore_file
+from medsec_edge.runtime.crypto.seal import seal_dataset, verify_dataset
 
 ATTRIBUTES = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "RescaleSlope",
               "RescaleIntercept", "PixelSpacing", "AcquisitionDate")

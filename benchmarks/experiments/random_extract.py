@@ -1,6 +1,6 @@
 import numpy as np, time
 from medsec_edge.runtime.pipeline import load_watermarker
-from medsec_edge.runtime.image import ImageMeta, MedicalImage
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 wm, _ = load_watermarker()
 rng = np.random.default_rng(2026)
 found = 0; n = 2000; t = time.time()

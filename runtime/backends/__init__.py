@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import BackendUnavailableError, UsageError
-from .base import Backend, Session, TensorSpec, check_inputs
+from medsec_edge.runtime.errors import BackendUnavailableError, UsageError
+from medsec_edge.runtime.backends.base import Backend, Session, TensorSpec, check_inputs
 
 __all__ = [
     "Backend",

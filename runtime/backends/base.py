@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from medsec_edge.runtime.errors import UsageError
 
 
 Dim = int | str | None

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError, MedsecError, UsageError
-from .base import Backend, Session, TensorSpec
+from medsec_edge.runtime.errors import BackendUnavailableError, BundleError, MedsecError, UsageError
+from medsec_edge.runtime.backends.base import Backend, Session, TensorSpec
 
 log = logging.getLogger(__name__)
 

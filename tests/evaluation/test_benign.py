@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from medsec_edge.evaluation.benign import BENIGN, BenignResult, benign
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import ImageMeta, display_window
+from medsec_edge.runtime.io.image import ImageMeta, display_window
 
 SIDE = 192
 GEOMETRIC = ("resize", "rot_flip", "crop")

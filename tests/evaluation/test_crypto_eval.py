@@ -111,7 +111,7 @@ def test_end_to_end_through_the_cli(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from medsec_edge.runtime.cli_research import register_eval_crypto
+    from medsec_edge.evaluation.commands import register
     from medsec_edge.train.cnn_cipher import CipherConfig, CipherTrainer
 
     threads = torch.get_num_threads()
@@ -125,9 +125,7 @@ def test_end_to_end_through_the_cli(tmp_path):
         np.save(images / "a.npy", (2000 + 1500 * np.sin(xx / 7) * np.cos(yy / 11)).astype(np.uint16))
         np.save(images / "b.npy", (np.hypot(yy - 30, xx - 40) * 20).astype(np.uint16))
         app = typer.Typer()
-        eval_app = typer.Typer()
-        app.add_typer(eval_app, name="eval")
-        register_eval_crypto(eval_app)
+        register(app)
         out = tmp_path / "out"
         result = CliRunner().invoke(app, [
             "eval", "crypto", "--images", str(images), "--cipher", str(tmp_path / "cipher" / "cipher.pt"),

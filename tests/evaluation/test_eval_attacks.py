@@ -15,7 +15,7 @@ from medsec_edge.evaluation.attacks import (
     get_attack,
 )
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import ImageMeta, MedicalImage, display_window
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage, display_window
 
 EXPECTED_NAMES = [
     "none", "jpeg90", "jpeg75", "jpeg50", "j2k10", "j2k20", "noise1", "noise2", "blur1",

@@ -8,7 +8,7 @@ from PIL import Image
 
 from medsec_edge.evaluation.baselines import BASELINES, PAYLOAD_BITS, BlindWatermark
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import ImageMeta, display_window
+from medsec_edge.runtime.io.image import ImageMeta, display_window
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from medsec_edge.evaluation.measures import mse, psnr_full, psnr_window, quality_row, ssim_window
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import ImageMeta, MedicalImage
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 
 C1 = (0.01 * 255) ** 2
 C2 = (0.03 * 255) ** 2

@@ -35,10 +35,10 @@ from medsec_edge.evaluation.watermark_eval import (
     summarise,
 )
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import display_window
+from medsec_edge.runtime.io.image import display_window
 from medsec_edge.runtime.pipeline import default_bundle_path
-from medsec_edge.runtime.watermark import Watermarker
-from medsec_edge.runtime.wm_spec import CODE_BITS, TILE
+from medsec_edge.runtime.watermark.watermarker import Watermarker
+from medsec_edge.runtime.watermark.spec import CODE_BITS, TILE
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-SECRET-4711"

@@ -10,9 +10,9 @@ pytest.importorskip("onnx", reason="export needs onnx: pip install 'medsec-edge[
 
 from medsec_edge.export.watermark_export import build_bundle  # noqa: E402
 from medsec_edge.runtime.bundle import open_bundle  # noqa: E402
-from medsec_edge.runtime.image import ImageMeta, MedicalImage  # noqa: E402
-from medsec_edge.runtime.watermark import Watermarker  # noqa: E402
-from medsec_edge.runtime.wm_models import BundleWatermarkModels  # noqa: E402
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage  # noqa: E402
+from medsec_edge.runtime.watermark.watermarker import Watermarker  # noqa: E402
+from medsec_edge.runtime.watermark.models import BundleWatermarkModels  # noqa: E402
 from medsec_edge.train.watermark_trainer import TrainConfig, WatermarkTrainer  # noqa: E402
 
 

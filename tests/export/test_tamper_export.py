@@ -14,7 +14,7 @@ pytest.importorskip("onnx", reason="export needs onnx: pip install 'medsec-edge[
 
 from medsec_edge.runtime.bundle import open_bundle  # noqa: E402
 from medsec_edge.runtime.errors import BundleError  # noqa: E402
-from medsec_edge.runtime.tamper import MODEL_NAME  # noqa: E402
+from medsec_edge.runtime.tamper.checker import MODEL_NAME  # noqa: E402
 from tests.tamper_fixtures import *  # noqa: E402,F401,F403 - fixtures
 from tests.tamper_fixtures import CAL_GENUINE, CAL_TAMPERED, CAL_WATERMARKED, DEFAULT_BUNDLE  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_operating_points_are_frozen_in_the_manifest(bundle):
         (CAL_GENUINE, CAL_TAMPERED, CAL_WATERMARKED)
     assert "pydicom-data" in validation["sources"]  # says it was NOT used ("never pydicom-data")
     # the runtime reads them as they are written
-    from medsec_edge.runtime.tamper import OperatingPoint
+    from medsec_edge.runtime.tamper.checker import OperatingPoint
 
     for name, point in points.items():
         op = OperatingPoint.from_dict(name, point)

@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from medsec_edge.runtime.crypto_keys import new_key_dir
+from medsec_edge.runtime.crypto.keyset import new_key_dir
 
 
 def make_ct(

@@ -5,7 +5,7 @@ import pytest
 
 from medsec_edge.evaluation.manipulations import MANIPULATIONS
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.image import MedicalImage, stored_range
+from medsec_edge.runtime.io.image import MedicalImage, stored_range
 from medsec_edge.train.tamper_data import (
     HELD_OUT_FAMILY,
     META8,

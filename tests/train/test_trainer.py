@@ -22,7 +22,7 @@ def test_torch_attacks_have_the_evaluation_names():
 def test_torch_jpeg_and_blur_agree_with_the_numpy_attacks():
     """Same name, same effect: compared on a smooth 8-bit image, in display units."""
     from medsec_edge.evaluation.attacks import attack_image
-    from medsec_edge.runtime.image import ImageMeta, MedicalImage
+    from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 
     yy, xx = np.mgrid[0:64, 0:64]
     img = (128 + 60 * np.sin(xx / 5.0) * np.cos(yy / 7.0)).astype(np.uint8)

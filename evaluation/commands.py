@@ -1,0 +1,131 @@
+"""`medsec-edge eval ...`: the evaluation reports (watermark, tamper, crypto), added to the CLI
+through the entry-point group ``medsec_edge.commands`` (pyproject.toml).
+
+Layer: evaluation. Only typer at import; the evaluations (scipy, matplotlib, torch for the
+research cipher) are imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medsec_edge.runtime.cli.options import BundleOpt, ThreadsOpt
+from medsec_edge.runtime.cli.output import fail as _fail
+from medsec_edge.runtime.errors import MedsecError, UsageError
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``eval`` group (watermark, tamper, crypto) to ``app``."""
+    eval_app = typer.Typer(no_args_is_help=True, help="Evaluate against attacks and baselines.")
+    eval_app.command("watermark")(eval_watermark)
+    eval_app.command("tamper")(eval_tamper)
+    eval_app.command("crypto")(eval_crypto)
+    app.add_typer(eval_app, name="eval")
+
+
+def held_out_images(images: list[Path], pydicom_data: bool) -> list[Path]:
+    """``--images`` plus, with ``--pydicom-data``, that package's folder (the evaluation set)."""
+    if pydicom_data:
+        try:
+            import data_store  # the pydicom-data package
+        except ImportError:
+            raise UsageError("--pydicom-data needs the package: pip install 'medsec-edge[eval]'") from None
+        images = [*images, Path(data_store.__file__).parent / "data"]
+    if not images:
+        raise UsageError("give --images DIR (repeatable) or --pydicom-data")
+    return images
+
+
+def eval_watermark(
+    images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
+    pydicom_data: bool = typer.Option(False, "--pydicom-data", help="Add the held-out images of the pydicom-data package."),
+    out: Path = typer.Option(Path("runs/eval-watermark"), "--out", help="Where to write JSON, markdown and the plot."),
+    trials: int = typer.Option(3, "--trials", help="Random trials (payloads, crop offsets, noise) per image and attack."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also measure the classical baselines."),
+    baseline_trials: Optional[int] = typer.Option(None, "--baseline-trials", help="Trials for the (slow) baselines; default: --trials."),
+    bundle: Optional[Path] = BundleOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Quality, robustness per attack, false detections and latency, with baselines beside."""
+    try:
+        from medsec_edge.evaluation.watermark_eval import run_watermark_eval
+    except ImportError as exc:
+        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
+        return
+    try:
+        run_watermark_eval(held_out_images(images, pydicom_data), out, trials=trials, with_baselines=baselines,
+                           bundle_path=bundle, threads=threads, seed=seed, baseline_trials=baseline_trials)
+    except MedsecError as exc:
+        _fail(exc)
+
+
+def eval_tamper(
+    images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
+    pydicom_data: bool = typer.Option(False, "--pydicom-data", help="Add the held-out images of the pydicom-data package."),
+    out: Path = typer.Option(Path("runs/eval-tamper"), "--out", help="Where to write JSON, markdown and the plot."),
+    trials: int = typer.Option(3, "--trials", help="Draws per manipulation family and image."),
+    benign_trials: int = typer.Option(3, "--benign-trials", help="Draws per benign step and image."),
+    watermark: bool = typer.Option(True, "--watermark/--no-watermark", help="Also score the watermark-aware check."),
+    bundle: Optional[Path] = BundleOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Detection (AUC, TPR at FPR 1%/0.1%, per family and size), localization, benign FPR, study FPR,
+    latency; a hash and a noise-residual baseline beside; the watermark-aware check on marked frames."""
+    try:
+        from medsec_edge.evaluation.tamper_eval import MARKDOWN_NAME, run_tamper_eval
+    except ImportError as exc:
+        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
+        return
+    command = shlex.join(["medsec-edge", *sys.argv[1:]])
+    try:
+        run_tamper_eval(held_out_images(images, pydicom_data), out, bundle_path=bundle, threads=threads, seed=seed, trials=trials,
+                        benign_trials=benign_trials, watermark=watermark, command=command)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    sys.stdout.write((out / MARKDOWN_NAME).read_text() + "\n")
+
+
+def eval_crypto(
+    images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
+    pydicom_data: bool = typer.Option(False, "--pydicom-data", help="Add the held-out images of the pydicom-data package."),
+    cipher: Path = typer.Option(Path("runs/cipher/cipher.pt"), "--cipher",
+                                help="Trained CNN cipher (cipher.pt from 'train cipher', or its run folder)."),
+    out: Path = typer.Option(Path("runs/eval-crypto"), "--out", help="Where to write JSON, markdown and the plot."),
+    trials: int = typer.Option(100, "--trials", help="One-pixel-change NPCR/UACI trials, in total over the images."),
+    pairs: str = typer.Option("1,10,100,1000", "--pairs", help="Known-plaintext attack: numbers of pairs, comma-separated."),
+    surrogate_steps: int = typer.Option(500, "--surrogate-steps", help="Training steps of each surrogate decoder."),
+    max_side: int = typer.Option(512, "--max-side", help="Centre-crop frames to at most this many pixels a side."),
+    panels: bool = typer.Option(True, "--panels/--no-panels", help="Image panels in the PNG (shows image content)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The seed's CNN cipher (a research transform, never used on real data) vs AES-256-GCM:
+    decode quality, wrong key, key sensitivity, entropy, chi-square, correlation, NPCR/UACI,
+    a known-plaintext attack, tamper detection and time."""
+    try:
+        from medsec_edge.evaluation.crypto_eval import MARKDOWN_NAME, run_crypto_eval
+    except ImportError as exc:
+        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
+        return
+    try:
+        pair_counts = tuple(int(p) for p in pairs.split(",") if p.strip())
+    except ValueError:
+        _fail(UsageError(f"--pairs takes comma-separated whole numbers such as 1,10,100, got {pairs!r}"))
+        return
+    command = shlex.join(["medsec-edge", *sys.argv[1:]])
+    try:
+        run_crypto_eval(held_out_images(images, pydicom_data), out, cipher_checkpoint=cipher, seed=seed, trials=trials, pairs=pair_counts,
+                        surrogate_steps=surrogate_steps, max_side=max_side, panels=panels, threads=threads,
+                        command=command)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    sys.stdout.write((out / MARKDOWN_NAME).read_text() + "\n")

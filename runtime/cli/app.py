@@ -1,0 +1,77 @@
+"""`medsec-edge`: the one command line, composed from the layers.
+
+Layer: runtime (cli). The device commands (image and crypto) are registered here; workstation
+commands (train, export, eval, calibrate) come from the entry-point group ``medsec_edge.commands``
+that their packages declare, so the runtime never names their modules. A command whose package
+cannot load (a runtime-only install) still answers, naming the extra that brings it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.metadata import entry_points
+
+import typer
+
+from medsec_edge.runtime.cli import crypto, images
+from medsec_edge.runtime.cli.output import error, setup_logging
+from medsec_edge.runtime.errors import MedsecError
+
+COMMAND_GROUP = "medsec_edge.commands"
+
+# Which extra brings a workstation command, for the message when it is missing.
+EXTRA_OF = {"train": "train", "export": "export", "eval": "eval", "calibrate": "export"}
+
+log = logging.getLogger("medsec_edge")
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True,
+                  help="Watermark, check and seal medical images where they are made.")
+
+
+@app.callback()
+def main_callback(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs on stderr.")) -> None:
+    setup_logging(verbose)
+
+
+def _missing(name: str, reason: str):
+    extra = EXTRA_OF.get(name, name)
+
+    def command(ctx: typer.Context) -> None:
+        error(f"'{name}' is a workstation command and is not available here ({reason}): "
+              f"pip install 'medsec-edge[{extra}]'")
+        raise typer.Exit(2)
+
+    command.__doc__ = f"(not installed) needs: pip install 'medsec-edge[{extra}]'"
+    return command
+
+
+def register_plugins(target: typer.Typer) -> None:
+    """Add the workstation commands declared in the entry-point group; a plugin that cannot load
+    becomes a command that says which extra to install."""
+    found = set()
+    for ep in entry_points(group=COMMAND_GROUP):
+        found.add(ep.name)
+        try:
+            register = ep.load()
+        except ImportError as exc:
+            target.command(ep.name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                           add_help_option=False)(_missing(ep.name, f"{exc.name or 'a module'} missing"))
+            continue
+        register(target)
+    for name in EXTRA_OF.keys() - found:
+        target.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                       add_help_option=False, hidden=True)(_missing(name, "its package is not installed"))
+
+
+images.register(app)
+crypto.register(app)
+register_plugins(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except MedsecError as exc:  # errors raised outside a command body
+        error(exc)
+        sys.exit(exc.exit_code)

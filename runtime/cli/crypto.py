@@ -1,0 +1,377 @@
+"""The cryptographic layer's commands: keys, seal, verify, encrypt, decrypt, restore.
+
+Layer: runtime (cli; the crypto modules are imported inside the command bodies). ``register``
+adds the commands to the main ``medsec-edge`` app (``cli/app.py``) or to any typer app (tests).
+
+Exit codes as in DESIGN.md: 0 ok, 1 verification failed (invalid or unsigned seal, wrong key,
+changed data), 2 usage (and key files), 4 bad input file. Output names key ids and short image
+hashes, never key material, UIDs or patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medsec_edge.runtime.cli.output import fail as _fail
+from medsec_edge.runtime.cli.output import table as _table
+
+__all__ = ["register"]
+
+KeysDirArg = typer.Argument(..., help="Key set directory.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``keys new|rotate|export-public``, ``seal``, ``verify``, ``encrypt``, ``decrypt``,
+    ``restore`` to ``app``."""
+    keys_app = typer.Typer(
+        no_args_is_help=True, help="Create, rotate and export the cryptographic key sets."
+    )
+    keys_app.command("new")(keys_new)
+    keys_app.command("rotate")(keys_rotate)
+    keys_app.command("export-public")(keys_export_public)
+    app.add_typer(keys_app, name="keys")
+    app.command("seal")(seal)
+    app.command("verify")(verify)
+    app.command("encrypt")(encrypt)
+    app.command("decrypt")(decrypt)
+    app.command("restore")(restore)
+
+
+def _short_id(uid: str) -> str:
+    return hashlib.sha256(uid.encode()).hexdigest()[:12] if uid else "(no SOP Instance UID)"
+
+
+def _emit(row: dict, as_json: bool, title: str) -> None:
+
+    if as_json:
+        sys.stdout.write(json.dumps(row) + "\n")
+    else:
+        _table(title, [row], list(row))
+
+
+def _keyset_row(keyset) -> dict:
+    return {
+        "path": str(keyset.path),
+        "seal_key_id": keyset.seal.key_id,
+        "encryption_key_id": keyset.recipient.key_id,
+        "dicom_key_id": keyset.dicom_key_id,
+        "private": keyset.has_private,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+
+
+def keys_new(
+    directory: Path = typer.Argument(..., help="New key set directory (created 0700)."),
+    common_name: Optional[str] = typer.Option(
+        None, "--common-name", help="Certificate subject CN (a device name, never a person)."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a key set: seal (Ed25519), encryption (X25519), DICOM signature (RSA, certificate)."""
+    from medsec_edge.runtime.crypto.keyset import new_key_dir
+    from medsec_edge.runtime.errors import MedsecError
+
+    try:
+        keyset = new_key_dir(directory, common_name=common_name)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _emit(_keyset_row(keyset), as_json, "new key set (private files are 0600)")
+
+
+def keys_rotate(
+    ring: Path = typer.Argument(..., help="Key ring directory (key sets in subdirectories)."),
+    common_name: Optional[str] = typer.Option(None, "--common-name", help="Certificate CN."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Add a key set to a ring: it signs from now on, the older ones still verify and decrypt."""
+    from medsec_edge.runtime.crypto.keyset import KeyRing
+    from medsec_edge.runtime.errors import MedsecError
+
+    try:
+        keyset = KeyRing.rotate(ring, common_name=common_name)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _emit(_keyset_row(keyset), as_json, "rotated: new signing key set")
+
+
+def keys_export_public(
+    directory: Path = KeysDirArg,
+    out: Path = typer.Argument(..., help="New directory for the public files."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Copy a key set's public keys and certificate (never a private key) for verifiers/senders."""
+    from medsec_edge.runtime.crypto.keyset import export_public, load_key_dir
+    from medsec_edge.runtime.errors import MedsecError
+
+    try:
+        target = export_public(directory, out)
+        keyset = load_key_dir(target, private=False)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _emit(_keyset_row(keyset), as_json, "exported public keys")
+
+
+# --------------------------------------------------------------------------------------------
+# seal and verify
+
+
+def _read_dicom(path: Path):
+    """The dataset of ``path``, or ``InputError`` (exit 4) if it is not a readable DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from medsec_edge.runtime.errors import InputError
+
+    try:
+        ds = pydicom.dcmread(path)
+        for _elem in ds.iterall():  # dcmread is lazy: fail here on corrupt values
+            pass
+    except (OSError, InvalidDicomError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise InputError(f"{path.name}: not a readable DICOM file ({reason})") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a corrupt file
+        raise InputError(f"{path.name}: corrupt DICOM file ({type(exc).__name__})") from None
+    return ds
+
+
+def seal(
+    input: Path = typer.Argument(..., help="DICOM file to seal and sign (never modified)."),
+    output: Path = typer.Argument(..., help="Where to write the sealed, signed copy."),
+    keys: Path = typer.Option(..., "--keys", help="Key set or ring directory (private keys)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Seal (Ed25519 over pixels + identity) and sign (DICOM PS3.15 Creator RSA) one DICOM file.
+
+    Earlier DICOM signatures of the file are replaced: our seal changes the data they signed."""
+    import io
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from medsec_edge.runtime.crypto.keyset import KeyRing
+    from medsec_edge.runtime.crypto.dicom_signature import remove_signatures, sign_dataset
+    from medsec_edge.runtime.errors import InputError, MedsecError, UsageError
+    from medsec_edge.runtime.io.atomic import write_bytes_atomic
+    from medsec_edge.runtime.crypto.seal import seal_dataset
+
+    try:
+        ring = KeyRing.load(keys)
+        signer, dicom_signer = ring.signer, ring.dicom_signer
+        if signer is None or dicom_signer is None:
+            raise UsageError(
+                f"the newest key set in {keys} has no private seal or DICOM signature key: seal "
+                "with the key set made by 'keys new', not a public export"
+            )
+        ds = _read_dicom(input)
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        if syntax is None:
+            raise InputError(f"{input.name}: no transfer syntax in the file meta information")
+        if not syntax.is_little_endian:
+            raise InputError(
+                f"{input.name}: Explicit VR Big Endian (retired) cannot be signed as it is; "
+                "convert it first (dcmconv +te IN OUT)"
+            )
+        if syntax.is_implicit_VR:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        replaced = remove_signatures(ds)
+        seal_dataset(ds, signer)
+        signature_uid = sign_dataset(ds, dicom_signer)  # last: it signs the seal too
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(output, buf.getvalue(), input)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    row = {
+        "path": str(input),
+        "output": str(output),
+        "image_id": _short_id(str(ds.get("SOPInstanceUID", "") or "")),
+        "seal_key_id": signer.key_id,
+        "dicom_key_id": dicom_signer.key_id,
+        "signature_uid": signature_uid,
+        "replaced_signatures": replaced,
+    }
+    _emit(row, as_json, "sealed and signed")
+
+
+def _verify_row(path: Path, ring) -> tuple[dict, int]:
+    """One ``verify`` JSON object and its exit code (0 valid, 1 not valid, 4 unreadable)."""
+    from medsec_edge.runtime.crypto.dicom_signature import verify_signatures
+    from medsec_edge.runtime.errors import MedsecError
+    from medsec_edge.runtime.crypto.seal import verify_dataset
+
+    try:
+        ds = _read_dicom(path)
+        verdict = verify_dataset(ds, ring)
+        report = verify_signatures(ds, trusted=ring.certificates, profile="creator")
+    except MedsecError as exc:
+        row = {
+            "path": str(path),
+            "valid": False,
+            "reason": str(exc),
+            "seal": None,
+            "dicom_signature": None,
+            "error": type(exc).__name__,
+        }
+        return row, exc.exit_code
+    valid = verdict.valid and report.valid
+    if valid:
+        reason = f"seal valid (key {verdict.key_id}); {report.reason}"
+    else:
+        failed = []
+        if not verdict.valid:
+            failed.append(f"seal {verdict.status}: {verdict.reason}")
+        if not report.valid:
+            failed.append(f"DICOM signature {report.status}: {report.reason}")
+        reason = "; ".join(failed)
+    row = {
+        "path": str(path),
+        "valid": valid,
+        "reason": reason,
+        "image_id": _short_id(str(ds.get("SOPInstanceUID", "") or "")),
+        "seal": {
+            "status": verdict.status,
+            "changed": list(verdict.changed),
+            "key_id": verdict.key_id or None,
+        },
+        "dicom_signature": {
+            "status": report.status,
+            "signatures": len(report.signatures),
+            "reason": report.reason,
+        },
+    }
+    return row, 0 if valid else 1
+
+
+def verify(
+    inputs: list[Path] = typer.Argument(..., help="DICOM files to verify."),
+    keys: Path = typer.Option(
+        ..., "--keys", help="Key set or ring directory (public keys suffice)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input line."),
+) -> None:
+    """Check our seal and the DICOM signature: valid, invalid (what changed), unsigned.
+
+    Exit 1 unless every file is valid; an unsigned file is not valid."""
+    from medsec_edge.runtime.crypto.keyset import KeyRing
+    from medsec_edge.runtime.errors import MedsecError
+
+    try:
+        ring = KeyRing.load(keys, private=False)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    rows, worst = [], 0
+    for path in inputs:
+        row, code = _verify_row(path, ring)
+        worst = max(worst, code)
+        rows.append(row)
+        if as_json:
+            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.flush()
+    if not as_json:
+        table = [
+            {
+                "path": r["path"],
+                "valid": r["valid"],
+                "seal": (r["seal"] or {}).get("status"),
+                "changed": ", ".join((r["seal"] or {}).get("changed") or []),
+                "dicom_signature": (r["dicom_signature"] or {}).get("status"),
+                "reason": r["reason"],
+            }
+            for r in rows
+        ]
+        _table("verify", table, ["path", "valid", "seal", "changed", "dicom_signature", "reason"])
+    if worst:
+        raise typer.Exit(worst)
+
+
+# --------------------------------------------------------------------------------------------
+# encryption and restore
+
+
+def encrypt(
+    input: Path = typer.Argument(..., help="DICOM file to encrypt (never modified)."),
+    output: Path = typer.Argument(..., help="Encrypted DICOM file (de-identified clear header)."),
+    to: Path = typer.Option(
+        ..., "--to", help="Recipient's key set directory (its public export suffices)."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """AES-256-GCM encrypt a whole DICOM file for a recipient; the header stays routable."""
+    from medsec_edge.runtime.crypto.keyset import KeyRing
+    from medsec_edge.runtime.crypto.encryption import StudyKeys, encrypt_file
+    from medsec_edge.runtime.errors import MedsecError
+
+    try:
+        ring = KeyRing.load(to, private=False)
+        study_keys = StudyKeys(ring.recipient)
+        _read_dicom(input)  # a corrupt file is bad input (exit 4), whatever the parser raises
+        output.parent.mkdir(parents=True, exist_ok=True)
+        encrypt_file(input, output, study_keys)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _emit(
+        {"path": str(input), "output": str(output), "recipient_key_id": ring.recipient.key_id},
+        as_json,
+        "encrypted",
+    )
+
+
+def decrypt(
+    input: Path = typer.Argument(..., help="Encrypted DICOM file."),
+    output: Path = typer.Argument(..., help="Where to write the original file (byte for byte)."),
+    key: Path = typer.Option(..., "--key", help="Key set or ring directory (private keys)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Decrypt a file made by 'encrypt'; wrong key or any change: exit 1, nothing written."""
+    from medsec_edge.runtime.crypto.keyset import KeyRing
+    from medsec_edge.runtime.crypto.encryption import decrypt_file
+    from medsec_edge.runtime.errors import MedsecError
+
+    try:
+        ring = KeyRing.load(key)
+        _read_dicom(input)  # a corrupt file is bad input (exit 4), whatever the parser raises
+        output.parent.mkdir(parents=True, exist_ok=True)
+        decrypt_file(input, output, ring)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _emit({"path": str(input), "output": str(output)}, as_json, "decrypted")
+
+
+def restore(
+    input: Path = typer.Argument(..., help="DICOM file watermarked with 'embed --reversible'."),
+    output: Path = typer.Argument(..., help="Where to write the original (exact pixels, SOP UID)."),
+    key: Path = typer.Option(..., "--key", help="Key set or ring directory (private keys)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Give back the pre-watermark image bit for bit (key holder only); exit 1 on any mismatch."""
+    from medsec_edge.runtime.crypto.keyset import KeyRing
+    from medsec_edge.runtime.errors import MedsecError
+    from medsec_edge.runtime.crypto.reversible import restore_file
+
+    try:
+        ring = KeyRing.load(key)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        result = restore_file(input, output, ring)
+    except MedsecError as exc:
+        _fail(exc)
+        return
+    _emit({"path": str(input), **result.to_dict()}, as_json, "restored")

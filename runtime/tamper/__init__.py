@@ -1,0 +1,4 @@
+"""The tamper check: the blind detector's input, the watermark-aware map, verdicts and reports.
+
+Layer: runtime. Imports ``io``, ``watermark`` and the bundle.
+"""
