@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 from medsec_edge.runtime.errors import InputError
 from medsec_edge.runtime.io.image import MedicalImage
-from medsec_edge.runtime.io.files import read_image
-from medsec_edge.runtime.pipeline import collect_inputs
+from medsec_edge.runtime.io.readers import read_image
+from medsec_edge.runtime.io.inputs import collect_inputs
 
 
 def read_held_out(images: Sequence[Path], *, dedup: bool = True

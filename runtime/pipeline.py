@@ -20,7 +20,9 @@ import numpy as np
 from medsec_edge.runtime.bundle import Bundle, open_bundle
 from medsec_edge.runtime.errors import BundleError, InputError, MedsecError
 from medsec_edge.runtime.io.image import MedicalImage
-from medsec_edge.runtime.io.files import FORMAT_BY_SUFFIX, read_image, write_image
+from medsec_edge.runtime.io.formats import FORMAT_BY_SUFFIX
+from medsec_edge.runtime.io.readers import read_image
+from medsec_edge.runtime.io.writers import write_image
 from medsec_edge.runtime.crypto.sealing import seal_file
 from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
 from medsec_edge.runtime.tamper.checker import TamperChecker
@@ -58,23 +60,6 @@ def load_checker(bundle_path: Path | None = None, *, key: WatermarkKey | None = 
     """The tamper check of a verified bundle, watermark-aware (identity too when ``key`` is given)."""
     watermarker, bundle = load_watermarker(bundle_path, threads=threads, backend=backend)
     return TamperChecker.from_bundle(bundle, watermarker=watermarker, key=key, backend=backend, threads=threads)
-
-
-def collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, and the image files inside folders (recursively, sorted)."""
-    files: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            for path in sorted(item.rglob("*")):
-                if path.is_file() and not path.name.startswith(".") and (
-                    path.suffix.lower() in FORMAT_BY_SUFFIX or path.suffix == ""
-                ):
-                    files.append(path)
-        elif item.exists():
-            files.append(item)
-        else:
-            raise InputError(f"{item.name}: no such file or folder")
-    return files
 
 
 @dataclass(frozen=True)

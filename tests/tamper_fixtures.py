@@ -187,7 +187,7 @@ def ct_path() -> Path:
 
 @pytest.fixture
 def ct_image(ct_path):
-    from medsec_edge.runtime.io.files import read_image
+    from medsec_edge.runtime.io.readers import read_image
 
     return read_image(ct_path)
 

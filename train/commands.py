@@ -13,9 +13,8 @@ from typing import Optional
 
 import typer
 
-from medsec_edge.runtime.cli.options import BundleOpt, ThreadsOpt
 from medsec_edge.runtime.cli.output import fail as _fail
-from medsec_edge.runtime.errors import MedsecError, UsageError
+from medsec_edge.runtime.errors import MedsecError
 
 
 def register(app: typer.Typer) -> None:

@@ -65,7 +65,7 @@ def _load_real() -> list[Source]:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from medsec_edge.runtime.io.files import read_image
+    from medsec_edge.runtime.io.readers import read_image
 
     out = []
     for name in REAL_FILES:

@@ -2,7 +2,7 @@ import sys, numpy as np, warnings; warnings.simplefilter('ignore')
 from dataclasses import replace
 import medsec_edge.runtime.watermark.watermarker as W
 from medsec_edge.runtime.pipeline import load_watermarker
-from medsec_edge.runtime.io.files import read_image
+from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.evaluation.attacks import attack_image
 from medsec_edge.evaluation.measures import quality_row
 from pydicom.data import get_testdata_file

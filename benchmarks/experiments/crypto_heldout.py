@@ -23,7 +23,8 @@ import pydicom
 from medsec_edge.evaluation.watermark_eval import deduplicate
 from medsec_edge.runtime.crypto.keyset import KeyRing, new_key_dir
 from medsec_edge.runtime.errors import InputError
-from medsec_edge.runtime.pipeline import collect_inputs, load_watermarker, watermark_file
+from medsec_edge.runtime.io.inputs import collect_inputs
+from medsec_edge.runtime.pipeline import load_watermarker, watermark_file
 from medsec_edge.runtime.crypto.reversible import restore_file
 from medsec_edge.runtime.crypto.seal import seal_dataset, verify_dataset
 

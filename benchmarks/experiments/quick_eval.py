@@ -5,7 +5,7 @@ from dataclasses import replace
 from medsec_edge.runtime.bundle import open_bundle
 from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 from medsec_edge.runtime.watermark.watermarker import Watermarker
-from medsec_edge.runtime.io.files import read_image
+from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.evaluation.attacks import ATTACKS, attack_image
 from medsec_edge.evaluation.measures import quality_row
 from pydicom.data import get_testdata_file

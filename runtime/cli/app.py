@@ -15,7 +15,8 @@ from importlib.metadata import entry_points
 import typer
 
 from medsec_edge.runtime.cli import crypto, images
-from medsec_edge.runtime.cli.output import error, setup_logging
+from medsec_edge.runtime.cli.logs import setup_logging
+from medsec_edge.runtime.cli.output import error
 from medsec_edge.runtime.errors import MedsecError
 
 COMMAND_GROUP = "medsec_edge.commands"

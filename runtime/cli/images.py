@@ -89,7 +89,7 @@ def extract(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input line."),
 ) -> None:
     """Read the watermark: found, payload, confidence, and whether it matches the image's identity."""
-    from medsec_edge.runtime.io.files import read_image
+    from medsec_edge.runtime.io.readers import read_image
     from medsec_edge.runtime.pipeline import load_watermarker
     from medsec_edge.runtime.watermark.identity import identity_match
 
@@ -152,7 +152,8 @@ def run(
     from rich.progress import Progress
 
     from medsec_edge.runtime.watermark.payload import parse_payload_hex
-    from medsec_edge.runtime.pipeline import collect_inputs, load_watermarker, percentiles, watermark_file
+    from medsec_edge.runtime.io.inputs import collect_inputs
+    from medsec_edge.runtime.pipeline import load_watermarker, percentiles, watermark_file
     from medsec_edge.runtime.crypto.sealing import load_or_create_ring
     from medsec_edge.runtime.tamper.checker import MODEL_NAME, TamperChecker
 
@@ -224,8 +225,9 @@ def check(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Was the image manipulated, where, and how sure: blind CNN + watermark-aware local map."""
-    from medsec_edge.runtime.io.files import read_image
-    from medsec_edge.runtime.pipeline import collect_inputs, load_checker
+    from medsec_edge.runtime.io.readers import read_image
+    from medsec_edge.runtime.io.inputs import collect_inputs
+    from medsec_edge.runtime.pipeline import load_checker
     from medsec_edge.runtime.tamper.report import check_row, write_mask_png
 
     try:

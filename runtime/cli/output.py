@@ -6,20 +6,10 @@ module.
 
 from __future__ import annotations
 
-import logging
 
 import typer
 
 from medsec_edge.runtime.errors import MedsecError
-
-
-def setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=stderr(), show_path=False, show_time=False)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
-    # pydicom's own messages can quote element values (patient data): keep them out of logs.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def stderr():

@@ -30,7 +30,7 @@ from medsec_edge.runtime.crypto.keyset import (
     KeyRing,
 )
 from medsec_edge.runtime.io.dicom_writer import ENCRYPTED_ELEMENT, PRIVATE_CREATOR, PRIVATE_GROUP
-from medsec_edge.runtime.io.files import read_image
+from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.runtime.pipeline import load_watermarker
 from medsec_edge.runtime.crypto.reversible import embed_reversible, write_reversible
 

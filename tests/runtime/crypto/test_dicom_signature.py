@@ -22,7 +22,8 @@ from medsec_edge.runtime.crypto.dicom_signature import (
     verify_signatures,
 )
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.io.files import read_image, write_image
+from medsec_edge.runtime.io.readers import read_image
+from medsec_edge.runtime.io.writers import write_image
 from medsec_edge.runtime.crypto.seal import seal_dataset
 
 DCMSIGN = Path("/usr/bin/dcmsign")

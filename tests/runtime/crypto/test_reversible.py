@@ -17,7 +17,7 @@ from medsec_edge.runtime.io.dicom_writer import PRIVATE_CREATOR, PRIVATE_GROUP, 
 from medsec_edge.runtime.crypto.dicom_signature import sign_dataset, verify_signatures
 from medsec_edge.runtime.crypto.encryption import StudyKeys
 from medsec_edge.runtime.errors import DecryptionError, InputError, UsageError
-from medsec_edge.runtime.io.files import read_image
+from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.runtime.pipeline import load_watermarker
 from medsec_edge.runtime.crypto.reversible import (
     embed_reversible,

@@ -20,7 +20,9 @@ from medsec_edge.runtime.io.dicom_writer import (
     SOURCE_UID_ELEMENT,
 )
 from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
-from medsec_edge.runtime.io.files import identity_of, read_image, read_record, write_image
+from medsec_edge.runtime.io.dicom_writer import identity_of, read_record
+from medsec_edge.runtime.io.readers import read_image
+from medsec_edge.runtime.io.writers import write_image
 from medsec_edge.runtime.crypto.seal import (
     PART_NAMES,
     SEALED_ATTRIBUTES,

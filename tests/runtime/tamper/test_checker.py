@@ -374,6 +374,6 @@ def test_watermark_file_with_a_passing_check_watermarks(tamper_env, ct_path, tmp
     assert {"check", "embed", "verify", "write"} <= set(record.latency_ms)
     assert not (tmp_path / "out" / "tampered").exists()
     # the written image passes the check with the same key: watermark present and its own
-    from medsec_edge.runtime.io.files import read_image
+    from medsec_edge.runtime.io.readers import read_image
 
     assert checker.check(read_image(out)).watermark == "present"

@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medsec_edge.runtime.io.image import ImageMeta, MedicalImage, display_window, stored_range
-from medsec_edge.runtime.io.files import read_image
+from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.runtime.pipeline import load_watermarker
 
 PAYLOAD = bytes.fromhex("00ff10ef2233c4d5")

@@ -18,11 +18,14 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from medsec_edge.runtime.io import files as imageio
+from medsec_edge.runtime.io import png16
+from medsec_edge.runtime.io import writers
 from medsec_edge.runtime.io.dicom_writer import PRIVATE_CREATOR, PRIVATE_GROUP, read_record
 from medsec_edge.runtime.errors import InputError, UsageError
 from medsec_edge.runtime.io.image import MedicalImage, stored_range
-from medsec_edge.runtime.io.files import identity_of, read_image, write_image
+from medsec_edge.runtime.io.dicom_writer import identity_of
+from medsec_edge.runtime.io.readers import read_image
+from medsec_edge.runtime.io.writers import write_image
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-4711"
@@ -385,7 +388,7 @@ def palette_png(tmp_path: Path) -> Path:
 
 
 def truncated_png16(tmp_path: Path) -> Path:
-    data = imageio._png16_encode(np.zeros((20, 20, 3), np.uint16))
+    data = png16.png16_encode(np.zeros((20, 20, 3), np.uint16))
     path = tmp_path / "cut16.png"
     path.write_bytes(data[: len(data) - 30])
     return path
@@ -575,7 +578,7 @@ def test_failed_write_leaves_no_temp_and_keeps_old_output(tmp_path, out_dir, mon
         fp.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(imageio, "_write_npy", broken)
+    monkeypatch.setattr(writers, "_write_npy", broken)
     with pytest.raises(OSError):
         write_image(image, image.pixels, target)
     assert [p.name for p in out_dir.iterdir()] == ["b.npy"]
@@ -638,15 +641,14 @@ def png_with_filters(arr: np.ndarray, filters: list[int]) -> bytes:
     filters=st.lists(st.integers(0, 4), min_size=1, max_size=5),
 )
 def test_png16_decoder_matches_reference_filters(arr, filters):
-    decoded, photometric = imageio._png16_decode(png_with_filters(arr, filters))
-    assert photometric == "RGB"
+    decoded = png16.png16_decode(png_with_filters(arr, filters))
     np.testing.assert_array_equal(decoded, arr)
 
 
 @settings(max_examples=25, deadline=None)
 @given(arr=arrays(np.uint16, st.tuples(st.integers(1, 8), st.integers(1, 8), st.just(3))))
 def test_png16_encoder_round_trip(arr):
-    decoded, _ = imageio._png16_decode(imageio._png16_encode(arr))
+    decoded = png16.png16_decode(png16.png16_encode(arr))
     np.testing.assert_array_equal(decoded, arr)
 
 

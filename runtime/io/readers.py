@@ -1,16 +1,10 @@
-"""Read and write medical images at native bit depth: DICOM, PNG, TIFF, JPEG, NPY.
+"""Read medical images at native bit depth: DICOM, PNG, TIFF, JPEG, NPY.
 
-Layer: runtime (numpy, pydicom, pillow, tifffile). DESIGN.md, Images: pixels keep their dtype and
-sign, never scaled to 8 bits; colour is RGB in memory, frames first. Inputs we cannot process
+Layer: runtime (io: numpy, pydicom, pillow, tifffile). DESIGN.md, Images: pixels keep their dtype
+and sign, never scaled to 8 bits; colour is RGB in memory, frames first. Inputs we cannot process
 faithfully (palette colour, 1-bit, RT Dose, no or float pixel data, truncated files, tiny images)
 are refused with a one-line ``InputError`` naming the file (basename only) and the reason; no
 message carries patient data.
-
-Writing chooses the format from the output suffix when it is a known image suffix, else the
-input's format, and is atomic (temporary file in the same folder, then ``os.replace``). JPEG is
-written at quality 100 without chroma subsampling: still lossy, so a watermark may be weakened;
-write PNG, TIFF or DICOM where that matters. PNG cannot hold 16-bit colour through Pillow, so
-that case uses the small codec at the end of this module.
 """
 
 from __future__ import annotations
@@ -19,20 +13,18 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
-import struct
-import tempfile
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from medsec_edge.runtime.io.dicom_writer import identity_of, read_record, write_dicom
-from medsec_edge.runtime.errors import InputError, UsageError
+from medsec_edge.runtime.errors import InputError
 from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 
-__all__ = ["identity_of", "read_image", "read_record", "write_image", "FORMAT_BY_SUFFIX"]
+from medsec_edge.runtime.io.formats import FORMAT_BY_SUFFIX
+from medsec_edge.runtime.io.png16 import PngError, png16_decode
+
+__all__ = ["read_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +32,6 @@ MIN_SIDE = 16
 # 32-bit integers are accepted only when every value is exact in float32, the precision the
 # watermark and check stages compute in; larger values would change when mapped back.
 MAX_EXACT_FLOAT32 = 2**24
-
-FORMAT_BY_SUFFIX = {
-    ".dcm": "dicom",
-    ".dicom": "dicom",
-    ".dic": "dicom",
-    ".ima": "dicom",
-    ".png": "png",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-    ".jpg": "jpeg",
-    ".jpeg": "jpeg",
-    ".npy": "npy",
-}
 
 _TRUNCATION_HINTS = (
     "end of file",
@@ -344,7 +323,14 @@ def _read_pillow(path: Path, data: bytes) -> MedicalImage:
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
         bit_depth, colour_type = data[24], data[25]
         if bit_depth == 16 and colour_type in (2, 4, 6):
-            arr, photometric = _png16_decode(data)
+            try:
+                arr = png16_decode(data)
+            except PngError as exc:
+                raise _Refused(str(exc)) from None
+            if arr.shape[-1] in (2, 4):
+                arr = _drop_opaque_alpha(arr, "16-bit PNG")
+            photometric = "MONOCHROME2" if arr.shape[-1] == 1 else "RGB"
+            arr = np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             meta = _plain_meta(arr, photometric, "png", data)
             return MedicalImage(pixels=arr, meta=meta, path=path)
     with warnings.catch_warnings():
@@ -464,216 +450,3 @@ def _read_npy(path: Path, data: bytes) -> MedicalImage:
     return MedicalImage(pixels=arr, meta=meta, path=path)
 
 
-# --------------------------------------------------------------------------------------------
-# writing
-
-
-def write_image(
-    image: MedicalImage,
-    pixels: np.ndarray,
-    path: str | Path,
-    *,
-    record: dict | None = None,
-    description: str = "",
-) -> Path:
-    """Write ``pixels`` (same shape as ``image.pixels``) as a new file, atomically.
-
-    The format is the output suffix's when it is a known image suffix, else the input's.
-    ``pixels`` is cast to ``image.pixels.dtype`` (the caller has rounded and clipped). DICOM
-    outputs keep every source attribute and carry ``record`` (see ``dicom_out``); other formats
-    have nowhere to keep it. Raises ``UsageError`` when the output would overwrite the input or
-    the format cannot hold these pixels.
-    """
-    out = Path(path)
-    pixels = np.asarray(pixels)
-    if pixels.shape != image.pixels.shape:
-        raise UsageError(
-            f"pixels have shape {pixels.shape}, the image has {image.pixels.shape}: pass an "
-            "array of the image's shape"
-        )
-    pixels = np.ascontiguousarray(pixels.astype(image.pixels.dtype, copy=False))
-    if image.path is not None and _same_file(out, image.path):
-        raise UsageError(
-            f"output {out.name} is the input file: inputs are never modified, choose another path"
-        )
-    if not out.parent.is_dir():
-        raise UsageError(f"output folder for {out.name} does not exist: create it first")
-
-    fmt = FORMAT_BY_SUFFIX.get(out.suffix.lower(), image.meta.source_format)
-    writer = {
-        "dicom": _write_dicom,
-        "png": _write_png,
-        "tiff": _write_tiff,
-        "jpeg": _write_jpeg,
-        "npy": _write_npy,
-    }[fmt]
-    _check_writable(fmt, image, pixels, out.name)
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)  # reopened by name: tifffile wants a file object with a real name
-    tmp = Path(tmp_name)
-    try:
-        with open(tmp, "wb") as fp:
-            writer(image, pixels, fp, record=record, description=description)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.debug("wrote %s for image %s", fmt, image.meta.image_id)
-    return out
-
-
-def _same_file(out: Path, source: Path) -> bool:
-    try:
-        if out.resolve() == source.resolve():
-            return True
-        return out.exists() and source.exists() and os.path.samefile(out, source)
-    except OSError:
-        return False
-
-
-def _check_writable(fmt: str, image: MedicalImage, pixels: np.ndarray, name: str) -> None:
-    colour = image.meta.is_colour
-    single = pixels.ndim == (3 if colour else 2)
-    dtype = pixels.dtype
-    if fmt == "dicom" and image.dataset is None:
-        raise UsageError(f"{name}: the input was not DICOM, so there is no dataset to write")
-    if fmt in ("png", "jpeg") and not single:
-        raise UsageError(f"{name}: {fmt.upper()} holds one frame: write .tiff, .npy or .dcm")
-    if fmt == "png" and dtype not in (np.uint8, np.uint16):
-        raise UsageError(
-            f"{name}: PNG holds uint8 or uint16, these pixels are {dtype}: write .tiff or .npy"
-        )
-    if fmt == "jpeg" and dtype != np.uint8:
-        raise UsageError(f"{name}: JPEG holds uint8, these pixels are {dtype}: write .png or .tiff")
-
-
-def _write_dicom(image, pixels, fp, *, record, description) -> None:
-    write_dicom(image, pixels, fp, record=record, description=description)
-
-
-def _write_png(image, pixels, fp, *, record, description) -> None:
-    from PIL import Image
-
-    if image.meta.is_colour and pixels.dtype == np.uint16:
-        fp.write(_png16_encode(pixels))
-        return
-    # Pillow infers L, I;16 or RGB from the dtype and shape.
-    Image.fromarray(pixels).save(fp, format="PNG")
-
-
-def _write_jpeg(image, pixels, fp, *, record, description) -> None:
-    from PIL import Image
-
-    # Quality 100 and 4:4:4: the least damage JPEG can do; still lossy (see module docstring).
-    Image.fromarray(pixels).save(fp, format="JPEG", quality=100, subsampling=0)
-
-
-def _write_tiff(image, pixels, fp, *, record, description) -> None:
-    import tifffile
-
-    if image.meta.is_colour:
-        photometric = "rgb"
-    else:
-        photometric = "miniswhite" if image.meta.photometric == "MONOCHROME1" else "minisblack"
-    planar = "contig" if image.meta.is_colour else None
-    tifffile.imwrite(fp, pixels, photometric=photometric, planarconfig=planar)
-
-
-def _write_npy(image, pixels, fp, *, record, description) -> None:
-    np.save(fp, pixels, allow_pickle=False)
-
-
-# --------------------------------------------------------------------------------------------
-# 16-bit colour PNG (Pillow reads it as 8-bit and cannot write it)
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _png16_encode(rgb_u16: np.ndarray) -> bytes:
-    height, width = rgb_u16.shape[:2]
-    rows = rgb_u16.astype(">u2").reshape(height, width * 3).view(np.uint8)
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return (
-        _PNG_SIGNATURE
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def _png16_decode(data: bytes) -> tuple[np.ndarray, str]:
-    """Decode a non-interlaced 16-bit PNG of colour type 2 (RGB), 4 (grey+alpha) or 6 (RGBA)."""
-    pos, idat, header = 8, [], None
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        if len(body) != length or pos + 12 + length > len(data):
-            raise _Refused("truncated PNG chunk")
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if header is None or not idat:
-        raise _Refused("PNG without IHDR or IDAT")
-    width, height, _depth, colour_type, _c, _f, interlace = header
-    if interlace:
-        raise _Refused("interlaced 16-bit PNG is not supported")
-    channels = {2: 3, 4: 2, 6: 4}[colour_type]
-    bpp = 2 * channels
-    stride = width * bpp
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
-    if raw.size < height * (stride + 1):
-        raise _Refused("truncated PNG image data")
-    raw = raw[: height * (stride + 1)].reshape(height, stride + 1)
-    out = np.zeros((height, stride), np.uint8)
-    prev = np.zeros(stride, np.uint8)
-    for y in range(height):
-        kind, line = raw[y, 0], raw[y, 1:]
-        if kind == 0:
-            row = line.copy()
-        elif kind == 1:
-            sums = np.cumsum(line.reshape(width, bpp), axis=0, dtype=np.uint64)
-            row = (sums % 256).astype(np.uint8).ravel()
-        elif kind == 2:
-            row = line + prev
-        elif kind in (3, 4):
-            row = _png_unfilter_slow(int(kind), line, prev, bpp)
-        else:
-            raise _Refused(f"corrupt PNG (filter type {kind})")
-        out[y] = row
-        prev = row
-    arr = out.view(">u2").reshape(height, width, channels).astype(np.uint16)
-    if channels in (2, 4):
-        arr = _drop_opaque_alpha(arr, "16-bit PNG")
-    if arr.shape[-1] == 1:
-        return np.ascontiguousarray(arr[..., 0]), "MONOCHROME2"
-    return np.ascontiguousarray(arr), "RGB"
-
-
-def _png_unfilter_slow(kind: int, line: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
-    cur = bytearray(line.tobytes())
-    up = prev.tobytes()
-    for i in range(len(cur)):
-        a = cur[i - bpp] if i >= bpp else 0
-        b = up[i]
-        if kind == 3:
-            cur[i] = (cur[i] + ((a + b) >> 1)) & 0xFF
-        else:
-            c = up[i - bpp] if i >= bpp else 0
-            p = a + b - c
-            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-            pred = a if (pa <= pb and pa <= pc) else (b if pb <= pc else c)
-            cur[i] = (cur[i] + pred) & 0xFF
-    return np.frombuffer(bytes(cur), np.uint8)
