@@ -10,7 +10,6 @@ hashes, never key material, UIDs or patient data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,9 @@ import typer
 
 from medsec_edge.runtime.cli.output import fail as _fail
 from medsec_edge.runtime.cli.output import table as _table
+from medsec_edge.runtime.crypto.verification import read_dicom as _read_dicom
+from medsec_edge.runtime.crypto.verification import short_id as _short_id
+from medsec_edge.runtime.crypto.verification import verify_file
 
 __all__ = ["register"]
 
@@ -42,10 +44,6 @@ def register(app: typer.Typer) -> None:
     app.command("encrypt")(encrypt)
     app.command("decrypt")(decrypt)
     app.command("restore")(restore)
-
-
-def _short_id(uid: str) -> str:
-    return hashlib.sha256(uid.encode()).hexdigest()[:12] if uid else "(no SOP Instance UID)"
 
 
 def _emit(row: dict, as_json: bool, title: str) -> None:
@@ -128,25 +126,6 @@ def keys_export_public(
 # seal and verify
 
 
-def _read_dicom(path: Path):
-    """The dataset of ``path``, or ``InputError`` (exit 4) if it is not a readable DICOM file."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from medsec_edge.runtime.errors import InputError
-
-    try:
-        ds = pydicom.dcmread(path)
-        for _elem in ds.iterall():  # dcmread is lazy: fail here on corrupt values
-            pass
-    except (OSError, InvalidDicomError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise InputError(f"{path.name}: not a readable DICOM file ({reason})") from None
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a corrupt file
-        raise InputError(f"{path.name}: corrupt DICOM file ({type(exc).__name__})") from None
-    return ds
-
-
 def seal(
     input: Path = typer.Argument(..., help="DICOM file to seal and sign (never modified)."),
     output: Path = typer.Argument(..., help="Where to write the sealed, signed copy."),
@@ -209,55 +188,6 @@ def seal(
     _emit(row, as_json, "sealed and signed")
 
 
-def _verify_row(path: Path, ring) -> tuple[dict, int]:
-    """One ``verify`` JSON object and its exit code (0 valid, 1 not valid, 4 unreadable)."""
-    from medsec_edge.runtime.crypto.dicom_signature import verify_signatures
-    from medsec_edge.runtime.errors import MedsecError
-    from medsec_edge.runtime.crypto.seal import verify_dataset
-
-    try:
-        ds = _read_dicom(path)
-        verdict = verify_dataset(ds, ring)
-        report = verify_signatures(ds, trusted=ring.certificates, profile="creator")
-    except MedsecError as exc:
-        row = {
-            "path": str(path),
-            "valid": False,
-            "reason": str(exc),
-            "seal": None,
-            "dicom_signature": None,
-            "error": type(exc).__name__,
-        }
-        return row, exc.exit_code
-    valid = verdict.valid and report.valid
-    if valid:
-        reason = f"seal valid (key {verdict.key_id}); {report.reason}"
-    else:
-        failed = []
-        if not verdict.valid:
-            failed.append(f"seal {verdict.status}: {verdict.reason}")
-        if not report.valid:
-            failed.append(f"DICOM signature {report.status}: {report.reason}")
-        reason = "; ".join(failed)
-    row = {
-        "path": str(path),
-        "valid": valid,
-        "reason": reason,
-        "image_id": _short_id(str(ds.get("SOPInstanceUID", "") or "")),
-        "seal": {
-            "status": verdict.status,
-            "changed": list(verdict.changed),
-            "key_id": verdict.key_id or None,
-        },
-        "dicom_signature": {
-            "status": report.status,
-            "signatures": len(report.signatures),
-            "reason": report.reason,
-        },
-    }
-    return row, 0 if valid else 1
-
-
 def verify(
     inputs: list[Path] = typer.Argument(..., help="DICOM files to verify."),
     keys: Path = typer.Option(
@@ -278,7 +208,7 @@ def verify(
         return
     rows, worst = [], 0
     for path in inputs:
-        row, code = _verify_row(path, ring)
+        row, code = verify_file(path, ring)
         worst = max(worst, code)
         rows.append(row)
         if as_json:

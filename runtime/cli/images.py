@@ -153,8 +153,8 @@ def run(
 
     from medsec_edge.runtime.watermark.payload import parse_payload_hex
     from medsec_edge.runtime.io.inputs import collect_inputs
-    from medsec_edge.runtime.pipeline import load_watermarker, percentiles, watermark_file
-    from medsec_edge.runtime.crypto.sealing import load_or_create_ring
+    from medsec_edge.runtime.pipeline import load_watermarker, run_batch
+    from medsec_edge.runtime.crypto.device_keys import load_or_create_ring
     from medsec_edge.runtime.tamper.checker import MODEL_NAME, TamperChecker
 
     try:
@@ -175,35 +175,11 @@ def run(
     except MedsecError as exc:
         _fail(exc)
         return
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
     with Progress(console=_stderr(), transient=True) as progress:
         task = progress.add_task("checking and watermarking", total=len(files))
-        for path in files:
-            name = _relative_name(path, inputs)
-            target = out / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            records.append(watermark_file(path, target, watermarker, bndl, wm_key, explicit, checker=checker,
-                                          operating_point=operating_point, aside_path=out / "tampered" / name,
-                                          keyring=ring))
-            progress.advance(task)
-    stages = sorted({k for r in records for k in r.latency_ms})
-    report = {
-        "bundle": bndl.manifest.name, "bundle_key_id": bndl.key_id,
-        "images": len(records),
-        "tamper_check": check_note,
-        "seal_key_id": ring.signer.key_id, "dicom_key_id": ring.dicom_signer.key_id,
-        "ok": sum(r.status == "ok" for r in records),
-        "sealed": sum(r.sealed for r in records),
-        "tampered": sum(r.status == "tampered" for r in records),
-        "verify_failed": sum(r.status == "verify_failed" for r in records),
-        "seal_failed": sum(r.status == "seal_failed" for r in records),
-        "bad_input": sum(r.status == "bad_input" for r in records),
-        "budget_misses": sum(bool(r.budget_misses) for r in records),
-        "latency_ms": {s: percentiles([r.latency_ms[s] for r in records if s in r.latency_ms]) for s in stages},
-        "records": [r.to_dict() for r in records],
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+        report, records = run_batch(files, [_relative_name(p, inputs) for p in files], out, watermarker, bndl,
+                                    wm_key, explicit, checker=checker, operating_point=operating_point,
+                                    check_note=check_note, ring=ring, on_done=lambda: progress.advance(task))
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     else:

@@ -87,6 +87,8 @@ class Extraction:
     angle_deg: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
     reading: "WatermarkReading | None" = field(default=None, repr=False)  # set when found
+    # "identity" (the identity MAC) or "user" (set with --payload); None when not found.
+    payload_kind: str | None = None
 
     def raw_bit_accuracy(self, code_bits: np.ndarray) -> float:
         return float(np.mean((self.logits > 0) == (np.asarray(code_bits) > 0)))

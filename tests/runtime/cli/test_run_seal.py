@@ -26,7 +26,8 @@ from medsec_edge.runtime.crypto.dicom_signature import verify_signatures
 from medsec_edge.runtime.errors import KeyFileError
 from medsec_edge.runtime.pipeline import load_watermarker, watermark_file
 from medsec_edge.runtime.crypto.seal import verify_dataset
-from medsec_edge.runtime.crypto.sealing import KEYS_ENV, default_keys_path, load_or_create_ring, seal_file
+from medsec_edge.runtime.crypto.device_keys import KEYS_ENV, default_keys_path, load_or_create_ring
+from medsec_edge.runtime.crypto.sealing import seal_file
 from tests.runtime.conftest import make_ct
 from tests.tamper_fixtures import REPO, base_env, restore_logging  # noqa: F401 - fixtures
 
