@@ -613,7 +613,7 @@ def render_markdown(summary: dict, meta: dict) -> str:
         "",
         "The CNN cipher is a RESEARCH TRANSFORM rebuilt from the seed's claim (right-key PSNR "
         f"{SEED_CLAIM['psnr_db']} dB, {SEED_CLAIM['seconds_per_image']} s per image); no medsec-edge command uses it "
-        "on real data. The product encrypts with AES-256-GCM (`runtime/encryption.py`), measured here through the same code.",
+        "on real data. The product encrypts with AES-256-GCM (`runtime/crypto/encryption.py`), measured here through the same code.",
         "",
         f"Held-out images: {meta['n_images']} (first frame, display window, 8 bits, centre crop <= {meta['max_side']} px); "
         f"NPCR/UACI on centre crops <= {meta['npcr_side']} px. Seed {meta['seed']}; cipher `{meta['cipher_checkpoint']}`; "

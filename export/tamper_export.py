@@ -125,7 +125,7 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
             "outputs": [{"name": "mask_logits", "dtype": "float32", "shape": [1, 1, "height_4", "width_4"]},
                         {"name": "score", "dtype": "float32", "shape": [1, 1]}],
             "normalisation": {"image": "window lower->0, upper->1, clipped to -0.5..1.5, padded to a multiple "
-                                       "of 8 (runtime/tamper_input.py)", "mask_stride": 4},
+                                       "of 8 (runtime/tamper/detector_input.py)", "mask_stride": 4},
         }
         history = state.get("history", [])
         data.setdefault("training", {})["tamper"] = {

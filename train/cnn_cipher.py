@@ -1,7 +1,7 @@
 """The seed's "CNN encryption", rebuilt so it can be measured: a key-conditioned encoder-decoder.
 
 RESEARCH TRANSFORM, NOT ENCRYPTION. No medsec-edge command applies it to real data; the product
-encrypts with AES-256-GCM (``runtime/encryption.py``). This module exists so that
+encrypts with AES-256-GCM (``runtime/crypto/encryption.py``). This module exists so that
 ``medsec-edge eval crypto`` can measure the seed's claim ("a CNN encoder-decoder encrypts images,
 PSNR 30.2 dB after decryption, better than AES") beside AES-GCM on held-out images.
 

@@ -38,7 +38,7 @@ mismatch is a ``DecryptionError``, as are a wrong key, a moved record and any ch
 ``restore_original`` also rebuilds the original header, so an original that carried our seal and
 a PS3.15 signature verifies again after restore (when its Pixel Data was uncompressed).
 
-Limits: the original pixels are the values ``imageio.read_image`` decoded (YBR colour is RGB; a
+Limits: the original pixels are the values ``io.readers.read_image`` decoded (YBR colour is RGB; a
 lossy-compressed source restores to its decoded values); the restored file is written
 uncompressed, Explicit VR Little Endian. Errors and reports name key ids and short image hashes,
 never UIDs, pixels or keys.
