@@ -40,6 +40,26 @@ ENCRYPTED_ELEMENT = 0x20  # OB: AES-256-GCM blob of the original file (encryptio
 WRAPPED_KEY_ELEMENT = 0x21  # UT: JSON of the study data key wrapped for a recipient
 REVERSIBLE_ELEMENT = 0x30  # OB: encrypted watermark residual for bit-exact restore (reversible.py)
 DEFAULT_DESCRIPTION = "Processed by medsec-edge"
+# PS3.7 D.3.3.2: the file meta names the application that wrote the file, not the source's.
+# 2.25.<int of uuid5(NAMESPACE_URL, "https://medsec-edge/dicom/implementation")>: fixed forever.
+IMPLEMENTATION_CLASS_UID = "2.25.196645917468107597991738322312644589062"
+IMPLEMENTATION_VERSION_NAME = "MEDSEC_EDGE_0_1"  # SH, at most 16 characters
+# MR Pulse Sequence module (PS3.3 C.8.13.4): Type 1C "required if Image Type Value 1 is ORIGINAL
+# or MIXED"; dciodvfy reads the condition as "absent otherwise", so a DERIVED Enhanced MR drops
+# them (they describe the acquisition of the source, which the Source Image Sequence names).
+_MR_PULSE_SEQUENCE = (
+    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultipleSpinEcho",
+    "MultiPlanarExcitation", "PhaseContrast", "VelocityEncodingAcquisitionSequence",
+    "TimeOfFlightContrast", "ArterialSpinLabelingContrast", "SteadyStatePulseSequence",
+    "EchoPlanarPulseSequence", "SaturationRecovery", "SpectrallySelectedSuppression",
+    "OversamplingPhase", "GeometryOfKSpaceTraversal", "RectilinearPhaseEncodeReordering",
+    "SegmentedKSpaceTraversal", "CoverageOfKSpace", "NumberOfKSpaceTrajectories",
+    "BulkMotionCompensationTechnique",
+)
+_ENHANCED_MR_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image Storage
+)
 _DIGITAL_SIGNATURES_SEQUENCE = 0xFFFAFFFA  # PS3.15 signatures of the source (dicom_signature.py)
 _MAC_PARAMETERS_SEQUENCE = 0x4FFE0001
 _MAX_DERIVATION = 1024  # ST value length limit
@@ -90,8 +110,8 @@ def identity_of(image: MedicalImage) -> dict[str, str]:
     if block is not None:
         if SOURCE_UID_ELEMENT in block and _text(block[SOURCE_UID_ELEMENT].value):
             sop_uid = _text(block[SOURCE_UID_ELEMENT].value)
-        elif ds.get("SourceImageSequence"):
-            sop_uid = str(ds.SourceImageSequence[0].get("ReferencedSOPInstanceUID", sop_uid))
+        elif ds.get("SourceImageSequence"):  # ours is the last item (earlier ones come first)
+            sop_uid = str(ds.SourceImageSequence[-1].get("ReferencedSOPInstanceUID", sop_uid))
     return {
         "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
         "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
@@ -167,6 +187,47 @@ def _swap_words_to_little_endian(ds: Dataset) -> None:
             elem.value = words.astype(f"<u{size}").tobytes() + elem.value[usable:]
 
 
+def _our_file_meta(sop_class: str | None, sop_uid: str) -> FileMetaDataset:
+    """A new file meta group: the source's names the source's application (and its AE titles,
+    private meta information), none of which describe the file we write."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    if sop_class:
+        meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def _source_references(src: Dataset, sop_class: str, sop_uid: str) -> Sequence:
+    """The source's Source Image Sequence (what it was derived from) followed by the source."""
+    items = [copy.deepcopy(item) for item in (src.get("SourceImageSequence") or [])]
+    if not any(str(i.get("ReferencedSOPInstanceUID", "")) == sop_uid for i in items):
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_uid
+        items.append(item)
+    return Sequence(items)
+
+
+def _mark_frames_derived(ds: Dataset) -> None:
+    """Frame Type Value 1 follows Image Type Value 1 (PS3.3 C.8.16.1): every frame is derived."""
+    groups = []
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups.extend(ds.get(keyword) or [])
+    for group in groups:
+        for elem in group:
+            if elem.VR != "SQ" or not str(elem.keyword).endswith("FrameTypeSequence"):
+                continue
+            for item in elem.value:
+                frame_type = list(item.get("FrameType", None) or [])
+                if frame_type:
+                    frame_type[0] = "DERIVED"
+                    item.FrameType = frame_type
+
+
 def build_derived_dataset(
     image: MedicalImage,
     pixels: np.ndarray,
@@ -208,9 +269,7 @@ def build_derived_dataset(
     first_source_uid = identity_of(image)["sop_uid"]
     new_uid = generate_uid()
     ds.SOPInstanceUID = new_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = new_uid
-    if source_sop_class:
-        ds.file_meta.MediaStorageSOPClassUID = source_sop_class
+    ds.file_meta = _our_file_meta(source_sop_class or ds.file_meta.get("MediaStorageSOPClassUID"), new_uid)
 
     image_type = list(src.get("ImageType", None) or [])
     if image_type:
@@ -220,16 +279,18 @@ def build_derived_dataset(
     else:
         image_type = ["DERIVED", "SECONDARY"]
     ds.ImageType = image_type
+    _mark_frames_derived(ds)
+    if source_sop_class in _ENHANCED_MR_CLASSES:
+        for keyword in _MR_PULSE_SEQUENCE:
+            if keyword in ds:
+                delattr(ds, keyword)
 
     ours = description or DEFAULT_DESCRIPTION
     previous = str(src.get("DerivationDescription", "") or "")
     derivation = f"{previous}; {ours}" if previous else ours
     ds.DerivationDescription = derivation[:_MAX_DERIVATION]
 
-    item = Dataset()
-    item.ReferencedSOPClassUID = source_sop_class
-    item.ReferencedSOPInstanceUID = source_sop_uid
-    ds.SourceImageSequence = Sequence([item])
+    ds.SourceImageSequence = _source_references(src, source_sop_class, source_sop_uid)
 
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     if record is not None:
