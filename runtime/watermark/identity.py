@@ -16,7 +16,11 @@ from medsec_edge.runtime.watermark.watermarker import Extraction
 
 
 def payload_for(image: MedicalImage, key: WatermarkKey | None, explicit: bytes | None) -> tuple[bytes, str]:
-    """The 8 payload bytes and how they were chosen ('explicit' or 'identity-hmac')."""
+    """The 8 payload bytes and how they were chosen ('explicit' or 'identity-hmac').
+
+    Embed an 'explicit' payload with ``kind="user"`` (``Watermarker.embed``): only then does a
+    reader know it is not this image's identity MAC.
+    """
     if explicit is not None:
         return explicit, "explicit"
     if key is None:
@@ -25,8 +29,11 @@ def payload_for(image: MedicalImage, key: WatermarkKey | None, explicit: bytes |
 
 
 def identity_match(image: MedicalImage, extraction: Extraction, key: WatermarkKey | None) -> bool | None:
-    """Does the found payload equal this image's identity MAC? None when it cannot be told."""
-    if not extraction.found or key is None or image.meta.source_format != "dicom":
+    """Does the found payload equal this image's identity MAC? None when it cannot be told, and
+    for a user-set payload (it names no image, so it cannot name another one)."""
+    if not extraction.found or extraction.payload_kind == "user":
+        return None
+    if key is None or image.meta.source_format != "dicom":
         return None
     expected = identity_payload(identity_of(image), key.secret, key.key_id)
     return extraction.payload == expected.hex()

@@ -6,23 +6,33 @@ model outputs back into data, and decides whether a watermark was *found* at all
 
 Code word layout (DESIGN.md, Payload)::
 
-    message (11 bytes) = version (1) | data (8) | check (2)       check = sha256(version|data)[:2]
+    message (11 bytes) = header (1) | data (8) | check (2)        check = sha256(header|data)[:2]
+    header             = version, plus 0x80 when the payload is user-set (kind "user")
     code    (16 bytes) = Reed-Solomon(16, 11) over GF(256) of message (reedsolo, nsym=5)
     word    (16 bytes) = code XOR WHITENING_MASK     mask = sha256(b"medsec-edge payload v1")[:16]
     bits    (128)      = word, MSB first per byte
 
 Why each part:
 
+- **Header and payload kinds**: the data is either the identity MAC (kind ``identity``, header
+  ``0x01``, exactly the version byte of every mark made before kinds existed, so old marks read
+  as identity) or set by the user with ``--payload`` (kind ``user``, header ``0x81``). The kind
+  lives in the Reed-Solomon-protected message, not in a check-value domain: with one header and
+  two check domains, 1 in 2^16 user payloads would pass both checks and read as identity (then
+  as another image's identity), while two headers make the kind as certain as the data. It costs
+  no data bits; a random word now has two accepted headers instead of one, which doubles the
+  false-detection bound (below).
+
 - **Reed-Solomon, nsym=5**: minimum distance 6, so up to 2 wrong bytes (any bits inside them) are
   corrected and 3 wrong bytes are always detected (no code word lies within 2 of a word that is 3
   away from another code word). Byte symbols suit the burst-like errors of a watermark decoder.
   The decoder corrects errors only, never erasures: erasure decoding (up to 5 unknown bytes) would
-  let almost any word decode, and the false detection rate would rest on the 24 check/version bits
-  alone (6e-8), not "far below 1e-6".
+  let almost any word decode, and the false detection rate would rest on the header and check
+  bits alone (2/256 * 2^-16 = 1.2e-7), not "far below 1e-6".
 - **Check bytes**: a decoder that "corrects" random bits into a valid code word is a false
   detection. Reed-Solomon alone accepts about 7.1e-6 of random words (those within 2 symbols of a
-  code word); the 16 check bits and the 8 version bits cut that to about 4e-13
-  (``false_accept_bound``).
+  code word); the 16 check bits and the header byte (2 accepted values of 256) cut that to about
+  8.5e-13 for errors-only decoding (``false_accept_bound``).
 - **Whitening**: Reed-Solomon is linear, so the all-zero word is a code word, and words near it
   decode. An unwatermarked image, a flat region or a model that saw nothing tends to give
   constant bits (all 0 or all 1), i.e. exactly the inputs that are *not* uniformly random, so the
@@ -64,6 +74,7 @@ __all__ = [
     "DATA_BYTES",
     "PAYLOAD_VERSION",
     "KNOWN_VERSIONS",
+    "PAYLOAD_KINDS",
     "IDENTITY_FIELDS",
     "WHITENING_MASK",
     "Decoded",
@@ -88,6 +99,15 @@ SOFT_ERASURES = (1, 2, 3, 4)
 
 PAYLOAD_VERSION = 1
 KNOWN_VERSIONS = frozenset({PAYLOAD_VERSION})
+# What the 8 data bytes are: the identity MAC over the image's DICOM identity, or set by the user.
+PAYLOAD_KINDS = ("identity", "user")
+_USER_FLAG = 0x80  # header bit of a user-set payload; versions stay below 0x80
+# Every header byte a decoder accepts, and what it says: (version, kind).
+_HEADERS = {
+    version | (_USER_FLAG if kind == "user" else 0): (version, kind)
+    for version in KNOWN_VERSIONS
+    for kind in PAYLOAD_KINDS
+}
 
 WHITENING_MASK = hashlib.sha256(b"medsec-edge payload v1").digest()[:CODE_BYTES]
 _MASK_U8 = np.frombuffer(WHITENING_MASK, dtype=np.uint8)
@@ -112,8 +132,14 @@ def bits_to_bytes(bits: np.ndarray) -> bytes:
     return np.packbits(arr.astype(np.uint8)).tobytes()
 
 
-def _check_value(version: int, data: bytes) -> bytes:
-    return hashlib.sha256(bytes((version,)) + data).digest()[:CHECK_BYTES]
+def _header(kind: str) -> int:
+    if kind not in PAYLOAD_KINDS:
+        raise PayloadError(f"payload kind must be one of {', '.join(PAYLOAD_KINDS)}, got {kind!r}")
+    return PAYLOAD_VERSION | (_USER_FLAG if kind == "user" else 0)
+
+
+def _check_value(header: int, data: bytes) -> bytes:
+    return hashlib.sha256(bytes((header,)) + data).digest()[:CHECK_BYTES]
 
 
 def _accept_probability(erasures: int) -> float:
@@ -132,26 +158,30 @@ def false_accept_bound() -> float:
     Reed-Solomon(16, 11) has minimum distance 6, so the Hamming spheres of radius 2 around its
     256^11 code words are disjoint; a random word decodes with probability
     ``sum_{i<=2} C(16, i) 255^i / 256^5`` (about 7.1e-6). By linearity the code word it decodes
-    to is uniform, so its message is uniform: the version byte is the known one with probability
-    1/256 and the two check bytes match with probability 2^-16. The product, about 4.2e-13, is
-    exact for uniform words; whitening is a bijection, so it does not change it.
+    to is uniform, so its message is uniform: the header byte is one of the two accepted ones
+    (identity or user, ``_HEADERS``) with probability 2/256 and the two check bytes match with
+    probability 2^-16. The product, about 8.5e-13 (4.2e-13 before payload kinds: the second
+    header doubles it, no more), is exact for uniform words; whitening is a bijection, so it
+    does not change it.
 
     Soft decoding (``SOFT_ERASURES``) adds one attempt per erasure count, each accepted with
-    ``_accept_probability(e)`` times the same 2^-24; the union bound over all attempts is about
-    3.4e-9 per decode, still far below 1e-6 even when an extractor tries a few lattices.
+    ``_accept_probability(e)`` times the same 2/256 * 2^-16; the union bound over all attempts is
+    about 6.7e-9 per decode (3.4e-9 before kinds), still far below 1e-6 even when an extractor
+    tries a few lattices.
     """
     attempts = (0, *SOFT_ERASURES)
-    return sum(_accept_probability(e) for e in attempts) * len(KNOWN_VERSIONS) / 256 * 2.0 ** (-8 * CHECK_BYTES)
+    return sum(_accept_probability(e) for e in attempts) * len(_HEADERS) / 256 * 2.0 ** (-8 * CHECK_BYTES)
 
 
 @dataclass(frozen=True)
 class Decoded:
     """What an extraction yields from 128 soft bits; a verdict, not an exception.
 
-    ``found``: Reed-Solomon decoding succeeded, the version is known and the check bytes match.
+    ``found``: Reed-Solomon decoding succeeded, the header is known and the check bytes match.
+    ``kind``: ``"identity"`` or ``"user"`` (``PAYLOAD_KINDS``) when found, else ``None``.
     ``bits_corrected``: code bits the decoder changed (0 when not found).
     ``bit_errors_raw``: hard-decision bits that differ from the Reed-Solomon-decoded code word;
-    known whenever Reed-Solomon decoding succeeded (even if the version or check then failed),
+    known whenever Reed-Solomon decoding succeeded (even if the header or check then failed),
     ``None`` when it did not. When found it equals ``bits_corrected``.
     """
 
@@ -161,6 +191,7 @@ class Decoded:
     bits_corrected: int
     confidence: float
     bit_errors_raw: int | None
+    kind: str | None = None
 
     @property
     def payload_hex(self) -> str | None:
@@ -194,8 +225,8 @@ class PayloadCodec:
     def __repr__(self) -> str:
         return f"PayloadCodec(version={self.version}, logit_scale={self.logit_scale})"
 
-    def code_word(self, data: bytes) -> bytes:
-        """The 16 whitened code-word bytes for 8 data bytes."""
+    def code_word(self, data: bytes, kind: str = "identity") -> bytes:
+        """The 16 whitened code-word bytes for 8 data bytes of ``kind`` (``PAYLOAD_KINDS``)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise PayloadError(f"payload data must be bytes, got {type(data).__name__}")
         data = bytes(data)
@@ -203,13 +234,14 @@ class PayloadCodec:
             raise PayloadError(
                 f"payload data must be exactly {DATA_BYTES} bytes, got {len(data)}"
             )
-        message = bytes((PAYLOAD_VERSION,)) + data + _check_value(PAYLOAD_VERSION, data)
+        header = _header(kind)
+        message = bytes((header,)) + data + _check_value(header, data)
         code = np.frombuffer(bytes(self._rs.encode(message)), dtype=np.uint8)
         return (code ^ _MASK_U8).tobytes()
 
-    def encode(self, data: bytes) -> np.ndarray:
-        """8 data bytes to 128 code bits (uint8 0/1, MSB first per byte)."""
-        return bytes_to_bits(self.code_word(data))
+    def encode(self, data: bytes, kind: str = "identity") -> np.ndarray:
+        """8 data bytes of ``kind`` to 128 code bits (uint8 0/1, MSB first per byte)."""
+        return bytes_to_bits(self.code_word(data, kind))
 
     def decode(self, logits: np.ndarray) -> Decoded:
         """128 soft values (positive means bit 1, magnitude = confidence) to a ``Decoded``.
@@ -236,7 +268,7 @@ class PayloadCodec:
         return decoded
 
     def _decode_hard(self, x: np.ndarray, received_bytes: bytes, erase: tuple[int, ...]) -> Decoded:
-        """One Reed-Solomon attempt with the given bytes erased, then version and check."""
+        """One Reed-Solomon attempt with the given bytes erased, then header and check."""
         try:
             message, full, _ = self._rs.decode(received_bytes, erase_pos=list(erase) or None)
         except reedsolo.ReedSolomonError:
@@ -250,12 +282,10 @@ class PayloadCodec:
         if 2 * errors_outside + len(erase) > RS_NSYM:
             return _NOT_DECODED
         bit_errors = diff.bit_count()
-        version = message[0]
+        header = message[0]
         data = bytes(message[1 : 1 + DATA_BYTES])
         check = bytes(message[1 + DATA_BYTES :])
-        if version not in KNOWN_VERSIONS or not hmac.compare_digest(
-            check, _check_value(version, data)
-        ):
+        if header not in _HEADERS or not hmac.compare_digest(check, _check_value(header, data)):
             return Decoded(
                 found=False,
                 data=None,
@@ -264,6 +294,7 @@ class PayloadCodec:
                 confidence=0.0,
                 bit_errors_raw=bit_errors,
             )
+        version, kind = _HEADERS[header]
         return Decoded(
             found=True,
             data=data,
@@ -271,6 +302,7 @@ class PayloadCodec:
             bits_corrected=bit_errors,
             confidence=self._confidence(x, full_bytes),
             bit_errors_raw=bit_errors,
+            kind=kind,
         )
 
     def _confidence(self, x: np.ndarray, full_bytes: bytes) -> float:

@@ -118,9 +118,11 @@ class Watermarker:
         self._readout_fft = np.conj(np.fft.fft2(readout))
 
     # -- embedding -------------------------------------------------------------------------
-    def embed(self, image: MedicalImage, payload: bytes) -> EmbedResult:
+    def embed(self, image: MedicalImage, payload: bytes, *, kind: str = "identity") -> EmbedResult:
+        """Embed ``payload``; ``kind`` says what it is (``"identity"``: the identity MAC, ``"user"``:
+        set with ``--payload``), so that a reader never takes a user payload for an identity."""
         t0 = time.perf_counter()
-        code_bits = self.codec.encode(payload)
+        code_bits = self.codec.encode(payload, kind)
         tile = np.asarray(self.models.tile(code_bits.astype(np.float32) * 2 - 1), dtype=np.float32)
         timings = {"encode_ms": (time.perf_counter() - t0) * 1e3}
         out = np.empty_like(image.pixels)
@@ -218,13 +220,14 @@ class Watermarker:
         reading = None
         if decoded.found:
             reading = WatermarkReading(lattice, lattice_factor, tuple(picks), tuple(lattice_signals),
-                                       self.codec.encode(decoded.data))
+                                       self.codec.encode(decoded.data, decoded.kind))
         return Extraction(
             reading=reading,
             found=decoded.found,
             payload=decoded.payload_hex,
             confidence=decoded.confidence,
             bits_corrected=decoded.bits_corrected,
+            payload_kind=decoded.kind,
             logits=logits,
             period_px=lattice.period * lattice_factor,
             angle_deg=lattice.angle_deg,

@@ -99,7 +99,7 @@ def test_embedded_bits_are_balanced_even_for_constant_data():
 def test_round_trip_exact(data):
     bits = CODEC.encode(data)
     out = CODEC.decode(_logits(bits, 3.7))
-    assert out.found and out.data == data and out.version == PAYLOAD_VERSION
+    assert out.found and out.data == data and out.version == PAYLOAD_VERSION and out.kind == "identity"
     assert out.bits_corrected == 0 and out.bit_errors_raw == 0
     assert out.confidence == pytest.approx(math.tanh(2.0))
     assert out.payload_hex == data.hex()
@@ -216,7 +216,8 @@ def test_false_accept_bound_is_tiny_and_matches_formula():
     # soft attempts: 1 erasure + 2 errors, 2 + 1, 3 + 1, 4 + 0 (punctured codes, disjoint spheres)
     soft = ((1 + 15 * 255 + math.comb(15, 2) * 255**2) / 256**4 + (1 + 14 * 255) / 256**3
             + (1 + 13 * 255) / 256**2 + 1 / 256)
-    assert p == pytest.approx((hard + soft) / 256 / 2**16)
+    # two accepted header bytes (identity, user) of 256, then 16 check bits
+    assert p == pytest.approx((hard + soft) * 2 / 256 / 2**16)
     assert p < 1e-8
     assert HARD.decode(np.zeros(CODE_BITS)).found is False
 
