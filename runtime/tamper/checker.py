@@ -4,7 +4,8 @@ Layer: runtime (numpy; the detector runs through a backend session). For every f
 detector gives a mask of logits at 1/4 resolution and an image score (the largest 2x2-averaged
 logit, computed in the graph). On an image carrying our watermark, the local consistency map
 (:mod:`wm_consistency`) says where the watermark is gone, and the payload says whether the pixels
-belong to this image (``mismatch`` when the key is at hand and the identity differs).
+belong to this image (``mismatch`` when the key is at hand, the payload is an identity MAC and the
+identity differs; a user-set payload names no image, so it is never a mismatch).
 
 Thresholds are never chosen here: the bundle's manifest carries them per operating point
 (``calibration.tamper.operating_points``), frozen on genuine and benign validation images that
@@ -77,7 +78,8 @@ class TamperVerdict:
     """The check's result for one image.
 
     ``score`` is the blind detector's probability (sigmoid of its image logit, max over frames);
-    ``watermark`` is ``present``, ``absent`` or ``mismatch``; ``watermark_deficit`` the local map's
+    ``watermark`` is ``present``, ``absent`` or ``mismatch``; ``payload_kind`` what the found
+    payload is (``identity`` or ``user``, None when none was found); ``watermark_deficit`` the local map's
     largest local deficit in standard errors (None when no watermark was read); ``reasons`` name what flagged it.
     """
 
@@ -92,6 +94,7 @@ class TamperVerdict:
     mask: np.ndarray = field(repr=False)  # (H, W) bool, the frame with the highest blind score
     mask_frame: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    payload_kind: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +102,7 @@ class TamperVerdict:
             "score": round(self.score, 6),
             "operating_point": self.operating_point,
             "watermark": self.watermark,
+            "payload_kind": self.payload_kind,
             "watermark_deficit": None if self.watermark_deficit is None else round(self.watermark_deficit, 4),
             "reasons": list(self.reasons),
             "regions": [r.to_dict() for r in self.regions],
@@ -237,13 +241,13 @@ class TamperChecker:
             reasons.append("blind detector")
             regions += self._regions(blind_cells, blind.stride, best_frame, "blind", (h, w))
 
-        watermark, deficit = "absent", None
+        watermark, deficit, payload_kind = "absent", None, None
         if self.watermarker is not None:
             t1 = time.perf_counter()
             if extraction is None:
                 extraction = self.watermarker.extract(image, search=self.search)
             if extraction.found:
-                watermark = "present"
+                watermark, payload_kind = "present", extraction.payload_kind
                 if identity_match(image, extraction, self.key) is False:
                     watermark = "mismatch"
                     reasons.append("watermark names another image")
@@ -267,7 +271,7 @@ class TamperChecker:
             tampered=tampered, score=_sigmoid(logit), blind_logit=logit, operating_point=op.name,
             watermark=watermark, watermark_deficit=deficit, reasons=tuple(reasons),
             regions=tuple(regions[:MAX_REGIONS]), mask=mask if tampered else np.zeros((h, w), bool),
-            mask_frame=best_frame, timings_ms=timings,
+            mask_frame=best_frame, timings_ms=timings, payload_kind=payload_kind,
         )
 
     @staticmethod

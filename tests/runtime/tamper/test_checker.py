@@ -216,8 +216,9 @@ def test_check_real_image_verdict_follows_the_frozen_threshold(tamper_env, ct_im
     row = verdict.to_dict()
     text = json.dumps(row, allow_nan=False)
     assert json.loads(text) == row
-    assert set(row) == {"tampered", "score", "operating_point", "watermark", "watermark_deficit", "reasons",
-                        "regions"}
+    assert set(row) == {"tampered", "score", "operating_point", "watermark", "payload_kind", "watermark_deficit",
+                        "reasons", "regions"}
+    assert row["payload_kind"] is None  # nothing found
     assert checker.check(ct_image, "fpr0.1").operating_point == "fpr0.1"
 
 
@@ -288,6 +289,7 @@ def test_watermark_absent_present_and_mismatch(bundle, watermarker, ct_image, tm
     marked = replace(ct_image, pixels=watermarker.embed(ct_image, own).pixels)
     present = with_key.check(marked, "none")
     assert present.watermark == "present" and present.tampered is False and present.reasons == ()
+    assert present.payload_kind == "identity" and present.to_dict()["payload_kind"] == "identity"
     assert isinstance(present.watermark_deficit, float) and math.isfinite(present.watermark_deficit)
     assert "watermark_ms" in present.timings_ms
 
@@ -300,9 +302,32 @@ def test_watermark_absent_present_and_mismatch(bundle, watermarker, ct_image, tm
     assert mismatch.to_dict()["watermark"] == "mismatch"
     # without a key the identity cannot be told: the watermark is just present
     assert keyless.check(stranger, "none").watermark == "present"
-    # an explicit payload checked with the key is another identity too
-    explicit = replace(ct_image, pixels=watermarker.embed(ct_image, bytes(range(8))).pixels)
-    assert with_key.check(explicit, "none").watermark == "mismatch"
+    # arbitrary bytes marked as an identity MAC are another image's identity
+    posing = replace(ct_image, pixels=watermarker.embed(ct_image, bytes(range(8)), kind="identity").pixels)
+    assert with_key.check(posing, "none").watermark == "mismatch"
+
+
+def test_a_user_payload_is_present_never_a_mismatch(bundle, watermarker, ct_image, tmp_path):
+    """`embed --payload HEX` then `check` with the key: the user's bytes name no image, so they
+    cannot name another one (before payload kinds this read `mismatch`, tampered)."""
+    from medsec_edge.runtime.crypto.watermark_key import create_key
+    from medsec_edge.runtime.watermark.identity import identity_match, payload_for
+
+    key = create_key(tmp_path / "wm.key")
+    payload, mode = payload_for(ct_image, key, bytes.fromhex("0123456789abcdef"))
+    assert mode == "explicit"
+    user = replace(ct_image, pixels=watermarker.embed(ct_image, payload, kind="user").pixels)
+    extraction = watermarker.extract(user)
+    assert extraction.found and extraction.payload == "0123456789abcdef" and extraction.payload_kind == "user"
+    assert identity_match(user, extraction, key) is None
+    verdict = _checker(bundle, watermarker, key, none=NONE).check(user, "none", extraction=extraction)
+    assert verdict.watermark == "present" and verdict.payload_kind == "user"
+    assert verdict.tampered is False and verdict.reasons == ()
+    row = verdict.to_dict()
+    assert row["watermark"] == "present" and row["payload_kind"] == "user" and row["tampered"] is False
+    # The local map is built from the user code word that was embedded, not the identity one.
+    assert verdict.watermark_deficit is not None
+    assert extraction.reading.code_bits.tolist() == watermarker.codec.encode(payload, "user").tolist()
 
 
 def test_watermark_rule_flags_a_region_at_its_threshold(bundle, watermarker, ct_image):

@@ -120,3 +120,12 @@ def test_flat_saturated_image_is_refused_clearly(wm):
     image = MedicalImage(pixels, ImageMeta(bits_stored=12, signed=False, window=(3000.0, 10.0)))
     with pytest.raises(InputError, match="no unsaturated"):
         wm.embed(image, PAYLOAD)
+
+
+def test_payload_kind_is_read_back(wm):
+    image = read_image(_file("CT_small.dcm"))
+    assert wm.extract(image).payload_kind is None  # nothing found, no kind
+    for kind in ("identity", "user"):
+        ex = wm.extract(replace(image, pixels=wm.embed(image, PAYLOAD, kind=kind).pixels))
+        assert ex.found and ex.payload == PAYLOAD.hex() and ex.payload_kind == kind
+    assert wm.extract(replace(image, pixels=wm.embed(image, PAYLOAD).pixels)).payload_kind == "identity"
