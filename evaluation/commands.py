@@ -14,17 +14,24 @@ from typing import Optional
 
 import typer
 
+from medsec_edge.runtime.cli.extras import missing_extra, require
+from medsec_edge.runtime.cli.help import command, group
 from medsec_edge.runtime.cli.options import BundleOpt, ThreadsOpt
 from medsec_edge.runtime.cli.output import fail as _fail
 from medsec_edge.runtime.errors import MedsecError, UsageError
 
+NEEDS = ("scipy", "matplotlib")  # the 'eval' extra, checked before any work
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``eval`` group (watermark, tamper, crypto) to ``app``."""
-    eval_app = typer.Typer(no_args_is_help=True, help="Evaluate against attacks and baselines.")
-    eval_app.command("watermark")(eval_watermark)
-    eval_app.command("tamper")(eval_tamper)
-    eval_app.command("crypto")(eval_crypto)
+    eval_app = group("Evaluate against attacks and baselines (needs the 'eval' extra).",
+                     "medsec-edge eval watermark --pydicom-data --trials 2")
+    command(eval_app, eval_watermark, "medsec-edge eval watermark --images held-out/ --trials 2",
+            "watermark")
+    command(eval_app, eval_tamper, "medsec-edge eval tamper --pydicom-data --trials 3", "tamper")
+    command(eval_app, eval_crypto,
+            "medsec-edge eval crypto --pydicom-data --cipher docs/crypto/cnn_cipher.pt", "crypto")
     app.add_typer(eval_app, name="eval")
 
 
@@ -53,11 +60,11 @@ def eval_watermark(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Quality, robustness per attack, false detections and latency, with baselines beside."""
+    require("eval watermark", "eval", *NEEDS)
     try:
         from medsec_edge.evaluation.watermark_eval import run_watermark_eval
     except ImportError as exc:
-        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
-        return
+        missing_extra("eval watermark", "eval", exc.name or "a module")
     try:
         run_watermark_eval(held_out_images(images, pydicom_data), out, trials=trials, with_baselines=baselines,
                            bundle_path=bundle, threads=threads, seed=seed, baseline_trials=baseline_trials)
@@ -78,11 +85,11 @@ def eval_tamper(
 ) -> None:
     """Detection (AUC, TPR at FPR 1%/0.1%, per family and size), localization, benign FPR, study FPR,
     latency; a hash and a noise-residual baseline beside; the watermark-aware check on marked frames."""
+    require("eval tamper", "eval", *NEEDS)
     try:
         from medsec_edge.evaluation.tamper_eval import MARKDOWN_NAME, run_tamper_eval
     except ImportError as exc:
-        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
-        return
+        missing_extra("eval tamper", "eval", exc.name or "a module")
     command = shlex.join(["medsec-edge", *sys.argv[1:]])
     try:
         run_tamper_eval(held_out_images(images, pydicom_data), out, bundle_path=bundle, threads=threads, seed=seed, trials=trials,
@@ -110,11 +117,12 @@ def eval_crypto(
     """The seed's CNN cipher (a research transform, never used on real data) vs AES-256-GCM:
     decode quality, wrong key, key sensitivity, entropy, chi-square, correlation, NPCR/UACI,
     a known-plaintext attack, tamper detection and time."""
+    require("eval crypto", "eval", *NEEDS)
+    require("eval crypto", "train", "torch")  # the research cipher is a torch model
     try:
         from medsec_edge.evaluation.crypto_eval import MARKDOWN_NAME, run_crypto_eval
     except ImportError as exc:
-        _fail(MedsecError(f"evaluation needs its extra: pip install 'medsec-edge[eval]' ({exc.name} missing)"))
-        return
+        missing_extra("eval crypto", "eval", exc.name or "a module")
     try:
         pair_counts = tuple(int(p) for p in pairs.split(",") if p.strip())
     except ValueError:

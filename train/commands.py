@@ -13,16 +13,20 @@ from typing import Optional
 
 import typer
 
-from medsec_edge.runtime.cli.output import fail as _fail
-from medsec_edge.runtime.errors import MedsecError
+from medsec_edge.runtime.cli.extras import missing_extra, require
+from medsec_edge.runtime.cli.help import command, group
+
+NEEDS = ("torch",)  # the 'train' extra; checked before any work, so a missing one is one line
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``train`` group (watermark, tamper, cipher) to ``app``."""
-    train_app = typer.Typer(no_args_is_help=True, help="Train models (needs the 'train' extra).")
-    train_app.command("watermark")(train_watermark)
-    train_app.command("tamper")(train_tamper)
-    train_app.command("cipher")(train_cipher)
+    train_app = group("Train models (needs the 'train' extra).",
+                      "medsec-edge train watermark --out runs/watermark --steps 3600")
+    command(train_app, train_watermark, "medsec-edge train watermark --out runs/watermark --until 100",
+            "watermark")
+    command(train_app, train_tamper, "medsec-edge train tamper --out runs/tamper", "tamper")
+    command(train_app, train_cipher, "medsec-edge train cipher --out runs/cipher --steps 2500", "cipher")
     app.add_typer(train_app, name="train")
 
 
@@ -41,11 +45,11 @@ def train_watermark(
 
 def _train(argv: list[str], until: Optional[int]) -> None:
     """Run a training recipe (train/cli_entry.py), which records this exact command."""
+    require("train", "train", *NEEDS)
     try:
         from medsec_edge.train.cli_entry import main as train_main
     except ImportError as exc:
-        _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
-        return
+        missing_extra("train", "train", exc.name or "a module")
     train_main(argv + (["--until", str(until)] if until is not None else []))
 
 
@@ -70,10 +74,10 @@ def train_cipher(
     threads: int = typer.Option(2, "--threads"),
 ) -> None:
     """Train the CNN cipher research transform (not encryption; resumes from the run folder)."""
+    require("train cipher", "train", *NEEDS)
     try:
         from medsec_edge.train.cnn_cipher import main as cipher_main
     except ImportError as exc:
-        _fail(MedsecError(f"training needs torch: pip install 'medsec-edge[train]' ({exc.name} missing)"))
-        return
+        missing_extra("train cipher", "train", exc.name or "a module")
     argv = ["--out", str(out), "--steps", str(steps), "--seed", str(seed), "--threads", str(threads)]
     cipher_main(argv + (["--until", str(until)] if until is not None else []))

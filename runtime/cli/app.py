@@ -15,6 +15,8 @@ from importlib.metadata import entry_points
 import typer
 
 from medsec_edge.runtime.cli import crypto, images
+from medsec_edge.runtime.cli.extras import missing_extra
+from medsec_edge.runtime.cli.help import Command, Group, compose_help
 from medsec_edge.runtime.cli.logs import setup_logging
 from medsec_edge.runtime.cli.output import error
 from medsec_edge.runtime.errors import MedsecError
@@ -26,8 +28,16 @@ EXTRA_OF = {"train": "train", "export": "export", "eval": "eval", "calibrate": "
 
 log = logging.getLogger("medsec_edge")
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True,
-                  help="Watermark, check and seal medical images where they are made.")
+app = typer.Typer(
+    cls=Group, add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True,
+    help=compose_help(
+        "Watermark, check and seal medical images where they are made. Results on stdout (a table, "
+        "or JSON lines with --json), logs and progress on stderr. A key set is always --keys DIR, "
+        "a recipient's public key set --to DIR. Exit codes: 0 ok, 1 verification failed, 2 usage, "
+        "3 bundle or backend, 4 bad input file.",
+        """
+        medsec-edge run samples --out out/run
+        medsec-edge check out/run --json"""))
 
 
 @app.callback()
@@ -39,9 +49,7 @@ def _missing(name: str, reason: str):
     extra = EXTRA_OF.get(name, name)
 
     def command(ctx: typer.Context) -> None:
-        error(f"'{name}' is a workstation command and is not available here ({reason}): "
-              f"pip install 'medsec-edge[{extra}]'")
-        raise typer.Exit(2)
+        missing_extra(name, extra, reason)
 
     command.__doc__ = f"(not installed) needs: pip install 'medsec-edge[{extra}]'"
     return command
@@ -56,13 +64,15 @@ def register_plugins(target: typer.Typer) -> None:
         try:
             register = ep.load()
         except ImportError as exc:
-            target.command(ep.name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                           add_help_option=False)(_missing(ep.name, f"{exc.name or 'a module'} missing"))
+            target.command(ep.name, cls=Command, add_help_option=False,
+                           context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                           )(_missing(ep.name, exc.name or "a module"))
             continue
         register(target)
     for name in EXTRA_OF.keys() - found:
-        target.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                       add_help_option=False, hidden=True)(_missing(name, "its package is not installed"))
+        target.command(name, cls=Command, add_help_option=False, hidden=True,
+                       context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                       )(_missing(name, "its package"))
 
 
 images.register(app)

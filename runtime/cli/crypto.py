@@ -10,48 +10,52 @@ hashes, never key material, UIDs or patient data.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from medsec_edge.runtime.cli.help import command, group
+from medsec_edge.runtime.cli.keys import key_set_path, load_ring
+from medsec_edge.runtime.cli.options import JsonOpt, LegacyKeySetOpt, keys_option
 from medsec_edge.runtime.cli.output import fail as _fail
-from medsec_edge.runtime.cli.output import table as _table
+from medsec_edge.runtime.cli.output import json_line, progress, record, table
 from medsec_edge.runtime.crypto.verification import read_dicom as _read_dicom
 from medsec_edge.runtime.crypto.verification import short_id as _short_id
 from medsec_edge.runtime.crypto.verification import verify_file
 
 __all__ = ["register"]
 
-KeysDirArg = typer.Argument(..., help="Key set directory.")
-JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
+KeysDirArg = typer.Argument(..., metavar="DIR", help="Key set directory.")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``keys new|rotate|export-public``, ``seal``, ``verify``, ``encrypt``, ``decrypt``,
     ``restore`` to ``app``."""
-    keys_app = typer.Typer(
-        no_args_is_help=True, help="Create, rotate and export the cryptographic key sets."
-    )
-    keys_app.command("new")(keys_new)
-    keys_app.command("rotate")(keys_rotate)
-    keys_app.command("export-public")(keys_export_public)
+    keys_app = group(
+        "Create, rotate and export key sets.\n\nA set holds every key the device uses: seal "
+        "(Ed25519), encryption (X25519), DICOM signature (RSA + certificate) and the watermark key "
+        "(a secret HMAC key: never exported, kept across rotation).",
+        """
+        medsec-edge keys new ~/.config/medsec-edge/keys
+        medsec-edge keys export-public ~/.config/medsec-edge/keys public/""")
+    command(keys_app, keys_new, "medsec-edge keys new /etc/medsec/keys --common-name ct-room-2", "new")
+    command(keys_app, keys_rotate, "medsec-edge keys rotate /etc/medsec/ring", "rotate")
+    command(keys_app, keys_export_public, "medsec-edge keys export-public /etc/medsec/keys public/",
+            "export-public")
     app.add_typer(keys_app, name="keys")
-    app.command("seal")(seal)
-    app.command("verify")(verify)
-    app.command("encrypt")(encrypt)
-    app.command("decrypt")(decrypt)
-    app.command("restore")(restore)
+    command(app, seal, "medsec-edge seal scan.dcm sealed.dcm --keys /etc/medsec/keys", "seal")
+    command(app, verify, "medsec-edge verify archive/ --keys public/ --json", "verify")
+    command(app, encrypt, "medsec-edge encrypt scan.dcm scan.enc.dcm --to reader-public/", "encrypt")
+    command(app, decrypt, "medsec-edge decrypt scan.enc.dcm scan.dcm --keys reader-keys/", "decrypt")
+    command(app, restore, "medsec-edge restore marked.dcm original.dcm --keys archive-keys/", "restore")
 
 
 def _emit(row: dict, as_json: bool, title: str) -> None:
-
     if as_json:
-        sys.stdout.write(json.dumps(row) + "\n")
+        json_line(row)
     else:
-        _table(title, [row], list(row))
+        record(title, row)
 
 
 def _keyset_row(keyset) -> dict:
@@ -60,6 +64,7 @@ def _keyset_row(keyset) -> dict:
         "seal_key_id": keyset.seal.key_id,
         "encryption_key_id": keyset.recipient.key_id,
         "dicom_key_id": keyset.dicom_key_id,
+        "watermark_key_id": keyset.watermark_key_id,
         "private": keyset.has_private,
     }
 
@@ -75,7 +80,8 @@ def keys_new(
     ),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Create a key set: seal (Ed25519), encryption (X25519), DICOM signature (RSA, certificate)."""
+    """Create a key set: seal (Ed25519), encryption (X25519), DICOM signature (RSA, certificate)
+    and the watermark key (32-byte HMAC secret); private files 0600."""
     from medsec_edge.runtime.crypto.keyset import new_key_dir
     from medsec_edge.runtime.errors import MedsecError
 
@@ -92,7 +98,10 @@ def keys_rotate(
     common_name: Optional[str] = typer.Option(None, "--common-name", help="Certificate CN."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Add a key set to a ring: it signs from now on, the older ones still verify and decrypt."""
+    """Add a key set to a ring: it signs from now on, the older ones still verify and decrypt.
+
+    The watermark key is kept (copied into the new set): marks already made must keep matching
+    their images."""
     from medsec_edge.runtime.crypto.keyset import KeyRing
     from medsec_edge.runtime.errors import MedsecError
 
@@ -109,7 +118,9 @@ def keys_export_public(
     out: Path = typer.Argument(..., help="New directory for the public files."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Copy a key set's public keys and certificate (never a private key) for verifiers/senders."""
+    """Copy a key set's public keys and certificate for verifiers and senders: never a private
+    key, never the watermark key (a secret; extract and check with a public set report the
+    identity as unknown)."""
     from medsec_edge.runtime.crypto.keyset import export_public, load_key_dir
     from medsec_edge.runtime.errors import MedsecError
 
@@ -129,7 +140,7 @@ def keys_export_public(
 def seal(
     input: Path = typer.Argument(..., help="DICOM file to seal and sign (never modified)."),
     output: Path = typer.Argument(..., help="Where to write the sealed, signed copy."),
-    keys: Path = typer.Option(..., "--keys", help="Key set or ring directory (private keys)."),
+    keys: Optional[Path] = keys_option("its private keys sign"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Seal (Ed25519 over pixels + identity) and sign (DICOM PS3.15 Creator RSA) one DICOM file.
@@ -140,18 +151,17 @@ def seal(
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from medsec_edge.runtime.crypto.keyset import KeyRing
     from medsec_edge.runtime.crypto.dicom_signature import remove_signatures, sign_dataset
     from medsec_edge.runtime.errors import InputError, MedsecError, UsageError
     from medsec_edge.runtime.io.atomic import write_bytes_atomic
     from medsec_edge.runtime.crypto.seal import seal_dataset
 
     try:
-        ring = KeyRing.load(keys)
+        ring = load_ring(keys)
         signer, dicom_signer = ring.signer, ring.dicom_signer
         if signer is None or dicom_signer is None:
             raise UsageError(
-                f"the newest key set in {keys} has no private seal or DICOM signature key: seal "
+                f"the newest key set in {ring.newest.path} has no private seal or DICOM signature key: seal "
                 "with the key set made by 'keys new', not a public export"
             )
         ds = _read_dicom(input)
@@ -189,46 +199,61 @@ def seal(
 
 
 def verify(
-    inputs: list[Path] = typer.Argument(..., help="DICOM files to verify."),
-    keys: Path = typer.Option(
-        ..., "--keys", help="Key set or ring directory (public keys suffice)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per input line."),
+    inputs: list[Path] = typer.Argument(..., help="DICOM files and folders of them."),
+    keys: Optional[Path] = keys_option("public keys suffice"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Check our seal and the DICOM signature: valid, invalid (what changed), unsigned.
 
     Exit 1 unless every file is valid; an unsigned file is not valid."""
-    from medsec_edge.runtime.crypto.keyset import KeyRing
     from medsec_edge.runtime.errors import MedsecError
 
     try:
-        ring = KeyRing.load(keys, private=False)
+        ring = load_ring(keys, private=False)
+        files = _dicom_files(inputs)
     except MedsecError as exc:
         _fail(exc)
         return
     rows, worst = [], 0
-    for path in inputs:
-        row, code = verify_file(path, ring)
-        worst = max(worst, code)
-        rows.append(row)
-        if as_json:
-            sys.stdout.write(json.dumps(row) + "\n")
-            sys.stdout.flush()
+    with progress(len(files), "verify") as advance:
+        for path in files:
+            row, code = verify_file(path, ring)
+            worst = max(worst, code)
+            rows.append(row)
+            if as_json:
+                json_line(row)
+            advance()
     if not as_json:
-        table = [
+        shown = [
             {
                 "path": r["path"],
                 "valid": r["valid"],
                 "seal": (r["seal"] or {}).get("status"),
-                "changed": ", ".join((r["seal"] or {}).get("changed") or []),
-                "dicom_signature": (r["dicom_signature"] or {}).get("status"),
-                "reason": r["reason"],
+                "signature": (r["dicom_signature"] or {}).get("status"),
             }
             for r in rows
         ]
-        _table("verify", table, ["path", "valid", "seal", "changed", "dicom_signature", "reason"])
+        details = [f"{Path(r['path']).name}: {r['reason']}" for r in rows if not r["valid"]]
+        table(None, shown, ["path", "valid", "seal", "signature"], details=details)
     if worst:
         raise typer.Exit(worst)
+
+
+def _dicom_files(inputs: list[Path]) -> list[Path]:
+    """Files as given; inside folders, the files that can be DICOM (by suffix, or none)."""
+    from medsec_edge.runtime.errors import UsageError
+    from medsec_edge.runtime.io.formats import FORMAT_BY_SUFFIX
+    from medsec_edge.runtime.io.inputs import collect_inputs
+
+    files: list[Path] = []
+    for item in inputs:
+        found = collect_inputs([item])
+        if item.is_dir():
+            found = [p for p in found if FORMAT_BY_SUFFIX.get(p.suffix.lower(), "dicom") == "dicom"]
+        files += found
+    if not files:
+        raise UsageError("no DICOM files found in the given inputs")
+    return files
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +264,7 @@ def encrypt(
     input: Path = typer.Argument(..., help="DICOM file to encrypt (never modified)."),
     output: Path = typer.Argument(..., help="Encrypted DICOM file (de-identified clear header)."),
     to: Path = typer.Option(
-        ..., "--to", help="Recipient's key set directory (its public export suffices)."
+        ..., "--to", metavar="DIR", help="Recipient's public key set (its 'keys export-public')."
     ),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -267,16 +292,16 @@ def encrypt(
 def decrypt(
     input: Path = typer.Argument(..., help="Encrypted DICOM file."),
     output: Path = typer.Argument(..., help="Where to write the original file (byte for byte)."),
-    key: Path = typer.Option(..., "--key", help="Key set or ring directory (private keys)."),
+    keys: Optional[Path] = keys_option("its private keys decrypt"),
     as_json: bool = JsonOpt,
+    key: Optional[Path] = LegacyKeySetOpt,
 ) -> None:
     """Decrypt a file made by 'encrypt'; wrong key or any change: exit 1, nothing written."""
-    from medsec_edge.runtime.crypto.keyset import KeyRing
     from medsec_edge.runtime.crypto.encryption import decrypt_file
     from medsec_edge.runtime.errors import MedsecError
 
     try:
-        ring = KeyRing.load(key)
+        ring = load_ring(key_set_path(keys, key))
         _read_dicom(input)  # a corrupt file is bad input (exit 4), whatever the parser raises
         output.parent.mkdir(parents=True, exist_ok=True)
         decrypt_file(input, output, ring)
@@ -289,16 +314,16 @@ def decrypt(
 def restore(
     input: Path = typer.Argument(..., help="DICOM file watermarked with 'embed --reversible'."),
     output: Path = typer.Argument(..., help="Where to write the original (exact pixels, SOP UID)."),
-    key: Path = typer.Option(..., "--key", help="Key set or ring directory (private keys)."),
+    keys: Optional[Path] = keys_option("its private keys decrypt the record"),
     as_json: bool = JsonOpt,
+    key: Optional[Path] = LegacyKeySetOpt,
 ) -> None:
     """Give back the pre-watermark image bit for bit (key holder only); exit 1 on any mismatch."""
-    from medsec_edge.runtime.crypto.keyset import KeyRing
     from medsec_edge.runtime.errors import MedsecError
     from medsec_edge.runtime.crypto.reversible import restore_file
 
     try:
-        ring = KeyRing.load(key)
+        ring = load_ring(key_set_path(keys, key))
         output.parent.mkdir(parents=True, exist_ok=True)
         result = restore_file(input, output, ring)
     except MedsecError as exc:

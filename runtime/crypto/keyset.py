@@ -12,14 +12,19 @@ file                        mode  content
 ``encrypt_x25519.pub.pem``  0644  its public key: whoever encrypts for this device uses it
 ``dicom_rsa.key.pem``       0600  RSA-2048 private key: DICOM PS3.15 signatures
 ``dicom_rsa.cert.pem``      0644  self-signed X.509 certificate (SHA-256) of that RSA key
+``watermark.key``           0600  the watermark's HMAC secret (``watermark_key.py``'s format)
 ==========================  ====  =============================================================
 
-Keys are PEM, not JSON like the watermark key (``keys.py``), so that standard tools read the same
+One set holds every key the device uses. The watermark key is a shared secret, not a key pair:
+it has no public half, so ``export_public`` never copies it, and ``KeyRing.rotate`` carries it
+into the new set unchanged (marks already made must keep matching their images).
+
+Keys are PEM, not JSON like the watermark key, so that standard tools read the same
 files (``dcmsign --sign dicom_rsa.key.pem dicom_rsa.cert.pem``, ``openssl``); the JSON index carries
 the key ids. A key id is the first 16 hex characters of SHA-256 over the raw public key bytes
 (Ed25519 and X25519: the 32 raw bytes; RSA, which has no raw form: the DER SubjectPublicKeyInfo).
 
-The private files follow ``keys.py``'s rules: created 0600 in one step (O_CREAT|O_EXCL, never
+The private files follow ``watermark_key.py``'s rules: created 0600 in one step (O_CREAT|O_EXCL, never
 overwriting), and a private file that group or others can access is refused when loaded. A key
 set may lack its private files (a verifier's copy from ``export_public``): it then verifies and
 encrypts but cannot sign or decrypt. Nothing here logs or raises key material.
@@ -48,7 +53,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 from cryptography.x509.oid import NameOID
 
 from medsec_edge.runtime.errors import KeyFileError
-from medsec_edge.runtime.crypto.watermark_key import read_key_file
+from medsec_edge.runtime.crypto.watermark_key import (
+    KEY_BYTES,
+    WatermarkKey,
+    load_key,
+    read_key_file,
+    store_key,
+)
 
 __all__ = [
     "KEYSET_FILE",
@@ -59,6 +70,8 @@ __all__ = [
     "RecipientKey",
     "SealSigner",
     "SealVerifier",
+    "WATERMARK_KEY",
+    "add_watermark_key",
     "export_public",
     "key_id_of",
     "load_key_dir",
@@ -73,6 +86,7 @@ KEYSET_VERSION = 1
 SEAL_PRIVATE, SEAL_PUBLIC = "seal_ed25519.key.pem", "seal_ed25519.pub.pem"
 ENC_PRIVATE, ENC_PUBLIC = "encrypt_x25519.key.pem", "encrypt_x25519.pub.pem"
 RSA_PRIVATE, RSA_CERT = "dicom_rsa.key.pem", "dicom_rsa.cert.pem"
+WATERMARK_KEY = "watermark.key"  # secret, never exported; not in the index (its id is its hash)
 PRIVATE_FILES = (SEAL_PRIVATE, ENC_PRIVATE, RSA_PRIVATE)
 PUBLIC_FILES = (SEAL_PUBLIC, ENC_PUBLIC, RSA_CERT)
 RSA_BITS = 2048
@@ -179,6 +193,11 @@ class KeySet:
     seal_signer: SealSigner | None = field(default=None, repr=False, compare=False)
     decryption: DecryptionKey | None = field(default=None, repr=False, compare=False)
     dicom_signer: DicomSigningKey | None = field(default=None, repr=False, compare=False)
+    watermark: WatermarkKey | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def watermark_key_id(self) -> str | None:
+        return self.watermark.key_id if self.watermark is not None else None
 
     @property
     def dicom_key_id(self) -> str:
@@ -272,16 +291,19 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def new_key_dir(path: str | Path, *, common_name: str | None = None) -> KeySet:
+def new_key_dir(path: str | Path, *, common_name: str | None = None,
+                watermark: WatermarkKey | None | bool = True) -> KeySet:
     """Create a complete key set in ``path`` (created 0700 if absent); refuse to overwrite.
 
-    The index ``keyset.json`` is written last, so a directory without it is not a key set. If
-    anything fails, the files written so far are removed again.
+    ``watermark``: True makes a new watermark key, a ``WatermarkKey`` stores that one (rotation
+    keeps the secret), False or None makes a set without one. The index ``keyset.json`` is
+    written last, so a directory without it is not a key set. If anything fails, the files
+    written so far are removed again.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise KeyFileError(f"{path} exists and is not a directory: choose a new key directory")
-    taken = [n for n in (KEYSET_FILE, *PRIVATE_FILES, *PUBLIC_FILES) if (path / n).exists()]
+    taken = [n for n in (KEYSET_FILE, *PRIVATE_FILES, *PUBLIC_FILES, WATERMARK_KEY) if (path / n).exists()]
     if taken:
         raise KeyFileError(
             f"{path} already holds key files ({', '.join(taken)}); refusing to overwrite them. "
@@ -336,6 +358,11 @@ def new_key_dir(path: str | Path, *, common_name: str | None = None) -> KeySet:
             except OSError as exc:
                 raise KeyFileError(f"cannot write key file {target}: {exc.strerror}") from None
             written.append(target)
+            if name == RSA_CERT and watermark:
+                # before the index: a set whose index exists is complete
+                wm = WatermarkKey.from_secret(secrets.token_bytes(KEY_BYTES)) if watermark is True else watermark
+                store_key(path / WATERMARK_KEY, wm)
+                written.append(path / WATERMARK_KEY)
     except BaseException:
         for target in written:
             target.unlink(missing_ok=True)
@@ -434,7 +461,7 @@ def load_key_dir(path: str | Path, *, private: bool = True) -> KeySet:
     _check_id(path / ENC_PUBLIC, "encryption", ids["encryption"], enc_pub)
     _check_id(path / RSA_CERT, "DICOM signature", ids["dicom_signature"], cert_pub)
 
-    seal_signer = decryption = dicom_signer = None
+    seal_signer = decryption = dicom_signer = watermark = None
     if private:
         if (path / SEAL_PRIVATE).exists():
             key = _parse_private(path / SEAL_PRIVATE, ed25519.Ed25519PrivateKey)
@@ -450,6 +477,8 @@ def load_key_dir(path: str | Path, *, private: bool = True) -> KeySet:
                 path / RSA_PRIVATE, "DICOM signature", ids["dicom_signature"], key.public_key()
             )
             dicom_signer = DicomSigningKey(ids["dicom_signature"], key, cert)
+        if os.path.lexists(path / WATERMARK_KEY):
+            watermark = load_key(path / WATERMARK_KEY)  # refuses a loose or malformed file
     return KeySet(
         path=path,
         created=index["created"],
@@ -459,7 +488,16 @@ def load_key_dir(path: str | Path, *, private: bool = True) -> KeySet:
         seal_signer=seal_signer,
         decryption=decryption,
         dicom_signer=dicom_signer,
+        watermark=watermark,
     )
+
+
+def add_watermark_key(path: str | Path, key: WatermarkKey) -> KeySet:
+    """Store ``key`` in the key set at ``path`` that has none (migration); refuse to replace one."""
+    path = Path(path).expanduser()
+    load_key_dir(path, private=False)  # only into a sound key set
+    store_key(path / WATERMARK_KEY, key)
+    return load_key_dir(path)
 
 
 def export_public(path: str | Path, out: str | Path) -> Path:
@@ -506,14 +544,23 @@ class KeyRing:
 
     @staticmethod
     def rotate(path: str | Path, *, common_name: str | None = None) -> KeySet:
-        """Add a new key set to the ring at ``path``; it becomes the signer on the next load."""
+        """Add a new key set to the ring at ``path``; it becomes the signer on the next load.
+
+        The watermark key is carried over unchanged: a new secret would make every mark already
+        made read as another image's. A ring without one gets none (the device's first use
+        imports or makes it: ``device_keys``), never a fresh one that would orphan old marks.
+        """
         path = Path(path).expanduser()
         if (path / KEYSET_FILE).is_file():
             raise KeyFileError(
                 f"{path} is a single key set, not a ring: move it into a subdirectory of a ring"
             )
+        watermark: WatermarkKey | bool = True
+        if path.is_dir() and any((c / KEYSET_FILE).is_file() for c in path.iterdir() if c.is_dir()):
+            watermark = KeyRing.load(path).watermark or False
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        return new_key_dir(path / f"{stamp}-{secrets.token_hex(2)}", common_name=common_name)
+        return new_key_dir(path / f"{stamp}-{secrets.token_hex(2)}", common_name=common_name,
+                           watermark=watermark)
 
     @property
     def newest(self) -> KeySet:
@@ -531,6 +578,11 @@ class KeyRing:
     @property
     def recipient(self) -> RecipientKey:
         return self.newest.recipient
+
+    @property
+    def watermark(self) -> WatermarkKey | None:
+        """The newest set's watermark key; None for a public export or a set from before it."""
+        return self.newest.watermark
 
     @property
     def verifiers(self) -> dict[str, SealVerifier]:

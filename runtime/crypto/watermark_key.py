@@ -1,6 +1,8 @@
-"""The watermark key: a 32-byte HMAC secret in an owner-only file, created on first use.
+"""The watermark key: a 32-byte HMAC secret in an owner-only file.
 
-Layer: runtime (standard library only). The key makes the payload a MAC over the image's
+Layer: runtime (standard library only). The device keeps it in its key set (``keyset.py``,
+file ``watermark.key``); a file at ``default_key_path`` is where earlier versions kept it, and
+``device_keys`` imports it from there once. The key makes the payload a MAC over the image's
 identity (payload.identity_payload), so whoever holds it can forge watermarks: the file is
 created with mode 0600 in one step, and a file that group or others can access is refused
 rather than used. Nothing here logs, raises or prints the secret; ``WatermarkKey``'s repr hides it.
@@ -35,6 +37,7 @@ __all__ = [
     "key_id_of",
     "load_key",
     "load_or_create_key",
+    "store_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,7 +187,15 @@ def _write_exclusive(path: Path, content: bytes) -> None:
 
 
 def create_key(path: Path) -> WatermarkKey:
-    """Create a new random key file at ``path`` (mode 0600); refuse if one exists.
+    """Create a new random key file at ``path`` (mode 0600); refuse if one exists."""
+    key = WatermarkKey.from_secret(secrets.token_bytes(KEY_BYTES))
+    store_key(path, key)
+    logger.info("created watermark key %s at %s", key.key_id, path)
+    return key
+
+
+def store_key(path: Path, key: WatermarkKey) -> None:
+    """Write ``key`` to a new file ``path`` (mode 0600); refuse if one exists.
 
     The content is written to a private temporary file in the same directory and then hard-linked
     into place, so the key file appears complete or not at all, and a key created concurrently by
@@ -200,8 +211,7 @@ def create_key(path: Path) -> WatermarkKey:
             raise KeyFileError(
                 f"cannot create directory {parent} for the watermark key: {exc.strerror}"
             ) from None
-    secret = secrets.token_bytes(KEY_BYTES)
-    content = _key_file_bytes(secret)
+    content = _key_file_bytes(key.secret)
     tmp = parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         _write_exclusive(tmp, content)
@@ -240,9 +250,6 @@ def create_key(path: Path) -> WatermarkKey:
                 pass
             finally:
                 os.close(dfd)
-    key = WatermarkKey.from_secret(secret)
-    logger.info("created watermark key %s at %s", key.key_id, path)
-    return key
 
 
 def load_or_create_key(path: Path, *, create: bool = True) -> WatermarkKey:
