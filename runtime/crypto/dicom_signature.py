@@ -23,11 +23,25 @@ cannot be signed are skipped: group lengths, groups below 0008, Length to End, (
 (4FFE,0001), Data Set Trailing Padding, and elements (or sequences containing elements) of
 VR UN. The signature is RSA PKCS#1 v1.5 over the MAC (the MAC is the DigestInfo digest).
 
+What we sign must stay signable through a PACS: a file stored as Implicit VR (``storescu -xi``,
+``dcmconv +ti``) loses the VR of every element the reader's dictionary does not know, and an
+element of VR UN cannot be signed, so a signature over it can never verify again
+(``dcmsign``: "signature contains attribute that is not signable"). ``sign_dataset`` therefore
+signs only *stable* elements: public, known to the data dictionary, with the dictionary's VR,
+and sequences made only of such elements. Private elements (our own block included) are left
+out; the seal (``seal.py``) covers our block instead.
+
+A lossless re-encode by a PACS (JPEG-LS, RLE) changes the encoded Pixel Data bytes the MAC
+covers. When the MAC does not match, the dataset's Pixel Data is now encapsulated and the
+signature was computed over native pixels, the MAC is computed once more over the decoded
+pixels written natively: if the signature verifies over that, every signed element is unchanged
+except for the encoding of the pixels, and the signature is reported ``re-encoded``, not
+``invalid``.
+
 Profile: "Creator RSA" (PS3.15 C.2): signed by the instance's creator, in the main dataset, with
 an RSA key; the Data Elements Signed must include the SOP Class/Instance and Study/Series
-Instance UIDs and, when present, the modules the profile lists. ``sign_dataset`` signs every
-signable element, which includes all of them. Sign after sealing and after every other change:
-any later change to a signed element invalidates the signature (the seal element is signed too).
+Instance UIDs and, when present and stable, the modules the profile lists. Sign after sealing
+and after every other change: any later change to a signed element invalidates the signature.
 
 Trust is separate from validity: ``verify_signatures(trusted=...)`` also requires the signer's
 certificate to be one of ``trusted`` or issued by one of them, and valid when it signed.
@@ -50,6 +64,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding
+from pydicom.datadict import get_entry
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -191,6 +206,33 @@ def _signable(ds: Dataset, tag: BaseTag) -> bool:
     return True
 
 
+def _dictionary_vrs(tag: int) -> tuple[str, ...]:
+    """The VRs the public data dictionary allows for ``tag``; () if it does not know the tag."""
+    try:
+        vr = get_entry(tag)[0]
+    except KeyError:
+        return ()
+    return tuple(v.strip() for v in vr.split(" or "))
+
+
+def _stable(ds: Dataset, tag: BaseTag) -> bool:
+    """Signable now and after any transfer syntax change: a reader of an Implicit VR copy finds
+    the same VR in its dictionary, so the element never becomes UN."""
+    if not _signable(ds, tag) or (int(tag) >> 16) % 2:  # odd group: private (and its creators)
+        return False
+    allowed = _dictionary_vrs(int(tag))
+    if not allowed or "UN" in allowed:
+        return False
+    vr = _vr(_element(ds, tag))
+    if "or" in vr:  # still ambiguous in memory: resolved by the encoder, as the reader will
+        return True
+    if vr not in allowed:
+        return False
+    if vr == "SQ":
+        return all(_stable(item, t) for item in ds[tag].value for t in item.keys())
+    return True
+
+
 def _encapsulated_items(value: bytes):
     """The item values of encapsulated Pixel Data (Basic Offset Table first)."""
     pos, end = 0, len(value)
@@ -205,8 +247,8 @@ def _encapsulated_items(value: bytes):
         pos += length
 
 
-def _encode(ds: Dataset, tag: BaseTag, encodings, sink) -> None:
-    elem = _element(ds, tag)
+def _encode(ds: Dataset, tag: BaseTag, encodings, sink, elem=None) -> None:
+    elem = _element(ds, tag) if elem is None else elem
     vr = _vr(elem)
     if vr == "SQ":
         sink(_tag_bytes(int(tag)) + b"SQ\x00\x00")
@@ -235,8 +277,12 @@ def _encode(ds: Dataset, tag: BaseTag, encodings, sink) -> None:
     sink(fp.getvalue())
 
 
-def _encode_dataset(ds: Dataset, tags: set[int] | None, sink) -> list[BaseTag]:
-    """Encode the signable elements of ``ds`` (those in ``tags`` if given); return their tags."""
+def _encode_dataset(
+    ds: Dataset, tags: set[int] | None, sink, replace: dict[int, DataElement] | None = None
+) -> list[BaseTag]:
+    """Encode the signable elements of ``ds`` (those in ``tags`` if given); return their tags.
+
+    ``replace``: elements encoded instead of the dataset's own (the re-encode check)."""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if ds.original_encoding[1] is False or syntax == ExplicitVRBigEndian:
@@ -248,7 +294,10 @@ def _encode_dataset(ds: Dataset, tags: set[int] | None, sink) -> list[BaseTag]:
     for tag in sorted(ds.keys()):
         if tags is not None and int(tag) not in tags:
             continue
-        if _signable(ds, tag):
+        if replace and int(tag) in replace:
+            _encode(ds, tag, encodings, sink, replace[int(tag)])
+            done.append(tag)
+        elif _signable(ds, tag):
             _encode(ds, tag, encodings, sink)
             done.append(tag)
     return done
@@ -309,7 +358,7 @@ def sign_dataset(
     mac_algorithm: str = "SHA256",
     now: _dt.datetime | None = None,
 ) -> str:
-    """Add a Creator RSA signature over every signable element of ``ds`` (in place).
+    """Add a Creator RSA signature over every stable element of ``ds`` (in place).
 
     Returns the Digital Signature UID. Raises ``UsageError`` if ``ds`` lacks the UIDs the
     profile requires or is big endian. Write ``ds`` as Explicit VR Little Endian afterwards.
@@ -324,6 +373,11 @@ def sign_dataset(
         )
     if not isinstance(key.private_key, rsa.RSAPrivateKey):
         raise UsageError("the Creator RSA profile needs an RSA key")
+    pixels = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+    if pixels is not None and not ds["PixelData"].is_undefined_length:
+        # Native Pixel Data is OW in every Implicit VR copy (PS3.5 A.1), so a reader of one
+        # MACs it as OW: sign it as OW (allowed for any Bits Allocated), never as OB.
+        ds["PixelData"].VR = "OW"
     mac_id = _mac_id(ds)
     item = Dataset()
     item.MACIDNumber = mac_id
@@ -331,8 +385,9 @@ def sign_dataset(
     item.DigitalSignatureDateTime = _dicom_datetime(now or _dt.datetime.now(_dt.timezone.utc))
     item.CertificateType = CERTIFICATE_TYPE
 
+    stable = {int(t) for t in ds.keys() if _stable(ds, t)}
     hasher = hashes.Hash(MAC_ALGORITHMS[mac_algorithm]())
-    signed_tags = _encode_dataset(ds, None, hasher.update)
+    signed_tags = _encode_dataset(ds, stable, hasher.update)
     _encode_signature_item(item, hasher.update)
     digest = hasher.finalize()
     signature = key.private_key.sign(
@@ -391,7 +446,7 @@ class SignatureResult:
 
     uid: str
     mac_id: int | None
-    status: str  # 'valid' | 'invalid' | 'untrusted' | 'unsupported'
+    status: str  # 'valid' | 're-encoded' | 'invalid' | 'untrusted' | 'unsupported'
     reason: str
     mac_algorithm: str = ""
     signer: str = ""  # certificate subject (a device, not a person)
@@ -403,9 +458,13 @@ class SignatureResult:
 
 @dataclass(frozen=True)
 class DicomSignatureReport:
-    """All main-dataset signatures: ``status`` is 'valid' only if there is one and all are."""
+    """All main-dataset signatures: ``status`` is 'valid' only if there is one and all are.
 
-    status: str  # 'valid' | 'invalid' | 'untrusted' | 'unsupported' | 'unsigned'
+    're-encoded': every signature verifies, one of them only over the decoded pixels (the Pixel
+    Data was re-encoded after signing); ``valid`` is False: whether the pixel values are the
+    signed ones is for the seal to say (``verification.verify_file``)."""
+
+    status: str  # 'valid' | 're-encoded' | 'invalid' | 'untrusted' | 'unsupported' | 'unsigned'
     reason: str
     signatures: list[SignatureResult] = field(default_factory=list)
 
@@ -535,20 +594,24 @@ def _verify_one(ds: Dataset, item: Dataset, mac_items: dict, trusted, profile) -
         return result("unsupported", str(exc), **info)
     digest = hasher.finalize()
     signature = bytes(item[0x04000120].value) if 0x04000120 in item else b""
+    scheme = (padding.PKCS1v15(), Prehashed(MAC_ALGORITHMS[algorithm]()))
+    re_encoded = ""
     try:
-        public.verify(signature, digest, padding.PKCS1v15(), Prehashed(MAC_ALGORITHMS[algorithm]()))
+        public.verify(signature, digest, *scheme)
     except InvalidSignature:
-        why = (
-            f"signed elements removed: {', '.join(absent)}"
-            if absent
-            else "the signed elements changed after signing (MAC mismatch)"
-        )
-        return result("invalid", why, **info)
+        re_encoded = _verifies_over_decoded_pixels(ds, item, mac_item, tags, public, signature)
+        if not re_encoded:
+            why = (
+                f"signed elements removed: {', '.join(absent)}"
+                if absent
+                else "the signed elements changed after signing (MAC mismatch)"
+            )
+            return result("invalid", why, **info)
 
     if profile == "creator":
         signed = {int(t) for t in tags}
         need = list(_CREATOR_REQUIRED)
-        need += [k for k in _CREATOR_IF_PRESENT if k in ds and _signable(ds, Tag(k))]
+        need += [k for k in _CREATOR_IF_PRESENT if k in ds and _stable(ds, Tag(k))]
         lacking = [k for k in need if int(Tag(k)) not in signed]
         if lacking:
             return result(
@@ -556,13 +619,67 @@ def _verify_one(ds: Dataset, item: Dataset, mac_items: dict, trusted, profile) -
                 f"does not meet the Creator RSA profile: unsigned {', '.join(lacking)}",
                 **info,
             )
+    status, valid = ("re-encoded", f"signature valid over the {re_encoded}") if re_encoded else (
+        "valid",
+        "signature valid",
+    )
     if trusted is None:
-        return result("valid", "signature valid (certificate trust not checked)", **info)
+        return result(status, f"{valid} (certificate trust not checked)", **info)
     when = _parse_dt(signed_at) or _dt.datetime.now(_dt.timezone.utc)
     why_not = _is_trusted(cert, trusted, when)
     if why_not:
-        return result("untrusted", f"signature valid but {why_not}", trusted=False, **info)
-    return result("valid", "signature valid, certificate trusted", trusted=True, **info)
+        return result("untrusted", f"{valid} but {why_not}", trusted=False, **info)
+    return result(status, f"{valid}, certificate trusted", trusted=True, **info)
+
+
+def _native_pixel_element(ds: Dataset) -> DataElement | None:
+    """Pixel Data decoded and written natively (as ``sign_dataset`` saw it), or None."""
+    try:
+        arr = ds.pixel_array
+    except Exception:  # noqa: BLE001 - no decoder, corrupt stream: the re-encode is unprovable
+        return None
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr)
+    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    if len(data) % 2:
+        data += b"\x00"
+    return DataElement(0x7FE00010, "OW", data)
+
+
+def _verifies_over_decoded_pixels(ds, item, mac_item, tags, public, signature) -> str:
+    """'' unless the MAC matches once the encapsulated Pixel Data is decoded to native form: then
+    what changed since signing (the pixel encoding, from one transfer syntax to another)."""
+    meta = getattr(ds, "file_meta", None)
+    now = UID(str(meta.get("TransferSyntaxUID", "") if meta is not None else ""))
+    signed_as = UID(str(mac_item.get("MACCalculationTransferSyntaxUID", "")))
+    if not now.is_transfer_syntax or not now.is_encapsulated or signed_as.is_encapsulated:
+        return ""
+    if 0x7FE00010 not in {int(t) for t in tags} or "PixelData" not in ds:
+        return ""
+    native = _native_pixel_element(ds)
+    if native is None:
+        return ""
+    algorithm = str(mac_item.MACAlgorithm)
+    for vr in ("OW", "OB"):  # ours sign OW; another signer may have used OB for 8 bits
+        native.VR = vr
+        hasher = hashes.Hash(MAC_ALGORITHMS[algorithm]())
+        try:
+            _encode_dataset(ds, {int(t) for t in tags}, hasher.update, {0x7FE00010: native})
+            _encode_signature_item(item, hasher.update)
+            public.verify(
+                signature,
+                hasher.finalize(),
+                padding.PKCS1v15(),
+                Prehashed(MAC_ALGORITHMS[algorithm]()),
+            )
+        except (InvalidSignature, UsageError):
+            continue
+        return (
+            f"decoded pixels: Pixel Data re-encoded losslessly from {signed_as.name} to "
+            f"{now.name}"
+        )
+    return ""
 
 
 def verify_signatures(
@@ -591,5 +708,15 @@ def verify_signatures(
     for status in ("invalid", "unsupported", "untrusted"):
         bad = [r for r in results if r.status == status]
         if bad:
-            return DicomSignatureReport(status, f"signature {bad[0].uid}: {bad[0].reason}", results)
+            number = results.index(bad[0]) + 1  # by position: a report carries no UIDs
+            return DicomSignatureReport(
+                status, f"signature {number} of {len(results)}: {bad[0].reason}", results
+            )
+    re_encoded = [r for r in results if r.status == "re-encoded"]
+    if re_encoded:
+        return DicomSignatureReport(
+            "re-encoded",
+            f"{len(results)} signature(s) valid over the decoded pixels: {re_encoded[0].reason}",
+            results,
+        )
     return DicomSignatureReport("valid", f"{len(results)} signature(s) valid", results)

@@ -6,7 +6,7 @@ image it is and how to read its pixels, and it says which of them changed. It li
 private block (``dicom_out``: group 0x0011, creator "MEDSEC_EDGE 1", element 0x10), so a file
 keeps it through any DICOM tool that keeps private elements.
 
-Digest (version 1). Every part is hashed on its own with SHA-256 over a length-prefixed encoding
+Digest (version 2; version 1 seals still verify with their own part list). Every part is hashed on its own with SHA-256 over a length-prefixed encoding
 (8-byte big endian length before every field), so no two different inputs encode alike:
 
 - ``pixels``: the decoded pixel array (pydicom's ``pixel_array``: native dtype, frames first,
@@ -15,6 +15,16 @@ Digest (version 1). Every part is hashed on its own with SHA-256 over a length-p
 - one part per attribute of ``SEALED_ATTRIBUTES``, tagged by keyword. A missing attribute is
   encoded as an explicit marker, different from a present but empty one. Values are canonical
   (numbers as numbers, strings without DICOM padding), so rewriting a file does not break it.
+  Version 2 adds the display attributes (``DISPLAY_ATTRIBUTES``: window, VOI/modality LUT,
+  padding): a window added to a file that had none changes what a reader sees, and version 1
+  did not look at them, so no missing-marker could catch it.
+- ``frame_display`` (version 2): the per-frame and shared functional groups that say how to
+  read and measure the pixels (pixel value transformation, frame VOI LUT, pixel measures).
+- ``medsec_private`` (version 2): our private block (watermark record, source UID, reversible
+  record), all of it but the seal itself and what ``encrypt`` adds later. The PS3.15 signature
+  leaves private elements out (they turn UN in an Implicit VR copy and could never verify), so
+  the seal is what vouches for them. Values are compared as read back from any transfer
+  syntax: text without padding, binary padded to even length.
 
 The canonical digest is SHA-256 over the length-prefixed list of (part name, part digest); the
 signature is Ed25519 over a domain tag, the key id and that digest. The record keeps the part
@@ -43,12 +53,21 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from medsec_edge.runtime.crypto.keyset import SealSigner, SealVerifier
-from medsec_edge.runtime.io.dicom_writer import PRIVATE_CREATOR, PRIVATE_GROUP, SEAL_ELEMENT
+from medsec_edge.runtime.io.dicom_writer import (
+    ENCRYPTED_ELEMENT,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    RECORD_ELEMENT,
+    SEAL_ELEMENT,
+    SOURCE_UID_ELEMENT,
+    WRAPPED_KEY_ELEMENT,
+)
 from medsec_edge.runtime.errors import InputError
 
 __all__ = [
     "SEAL_VERSION",
     "SEALED_ATTRIBUTES",
+    "DISPLAY_ATTRIBUTES",
     "SealVerdict",
     "attribute_digest",
     "canonical_digest",
@@ -60,7 +79,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEAL_VERSION = 1
+SEAL_VERSION = 2
 SEAL_ALGORITHM = "Ed25519"
 SEALED_ATTRIBUTES = (
     "SOPInstanceUID",
@@ -82,7 +101,25 @@ SEALED_ATTRIBUTES = (
     "AcquisitionDate",
     "AcquisitionTime",
 )
-PART_NAMES = ("pixels", *SEALED_ATTRIBUTES)
+DISPLAY_ATTRIBUTES = (
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+    "ModalityLUTSequence",
+    "RescaleType",
+    "PresentationLUTShape",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "PlanarConfiguration",
+)
+_FRAME_DISPLAY = ("PixelValueTransformationSequence", "FrameVOILUTSequence", "PixelMeasuresSequence")
+# What ``encrypt`` adds to a sealed file (with its own authenticated encryption), and the seal.
+_UNSEALED_PRIVATE = (SEAL_ELEMENT, ENCRYPTED_ELEMENT, WRAPPED_KEY_ELEMENT)
+_TEXT_PRIVATE = (RECORD_ELEMENT, SOURCE_UID_ELEMENT, WRAPPED_KEY_ELEMENT)
+PART_NAMES_V1 = ("pixels", *SEALED_ATTRIBUTES)
+PART_NAMES = (*PART_NAMES_V1, *DISPLAY_ATTRIBUTES, "frame_display", "medsec_private")
+_PART_NAMES_BY_VERSION = {1: PART_NAMES_V1, 2: PART_NAMES}
 _DOMAIN = b"medsec-edge seal v1"
 _MISSING = b"M"  # the attribute is absent: differs from every encoded value (which start P)
 
@@ -93,6 +130,13 @@ def _lp(data: bytes) -> bytes:
 
 def _canonical(value: Any) -> bytes:
     """A type-tagged, padding-free encoding of a pydicom value."""
+    if isinstance(value, Dataset):  # a sequence item: its public elements, by tag
+        parts = [
+            _lp(int(e.tag).to_bytes(4, "big")) + _lp(_canonical(e.value))
+            for e in (value[t] for t in sorted(value.keys()))
+            if not e.tag.is_private
+        ]
+        return b"D" + len(parts).to_bytes(4, "big") + b"".join(parts)
     if value is None or (isinstance(value, (str, bytes, list, tuple, MultiValue)) and not value):
         return b"E"
     if isinstance(value, (list, tuple, MultiValue)):
@@ -113,6 +157,44 @@ def attribute_digest(ds: Dataset, keyword: str) -> bytes:
     h = hashlib.sha256(_lp(_DOMAIN + b"/attribute") + _lp(keyword.encode("ascii")))
     elem = ds.data_element(keyword) if keyword in ds else None
     h.update(_lp(_MISSING if elem is None else b"P" + _canonical(elem.value)))
+    return h.digest()
+
+
+def _frame_display_digest(ds: Dataset) -> bytes:
+    """The functional groups that say how to read each frame's pixels (missing: a marker)."""
+    h = hashlib.sha256(_lp(_DOMAIN + b"/frame_display"))
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(keyword)
+        if items is None:
+            h.update(_lp(_MISSING))
+            continue
+        h.update(len(items).to_bytes(8, "big"))
+        for item in items:
+            for sub in _FRAME_DISPLAY:
+                value = item.get(sub)
+                h.update(_lp(_MISSING if value is None else b"P" + _canonical(value)))
+    return h.digest()
+
+
+def _private_value(offset: int, value: Any) -> bytes:
+    if isinstance(value, bytes) and offset not in _TEXT_PRIVATE:
+        return b"B" + value + (b"\x00" if len(value) % 2 else b"")  # OB pads to even length
+    if isinstance(value, bytes):  # text read from an Implicit VR copy as UN
+        value = value.decode("utf-8", errors="surrogateescape")
+    return _canonical(value)
+
+
+def _private_digest(ds: Dataset) -> bytes:
+    """Our private block but the seal (and what ``encrypt`` adds later), element by element."""
+    h = hashlib.sha256(_lp(_DOMAIN + b"/medsec_private"))
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except KeyError:  # as a block holding only the seal: sealing creates the block
+        return h.digest()
+    for offset in range(0x100):
+        if offset in _UNSEALED_PRIVATE or offset not in block:
+            continue
+        h.update(_lp(offset.to_bytes(1, "big")) + _lp(_private_value(offset, block[offset].value)))
     return h.digest()
 
 
@@ -193,8 +275,10 @@ def _short_id(ds: Dataset) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:12] if uid else "(no SOP Instance UID)"
 
 
-def part_digests(ds: Dataset, *, undecodable_ok: bool = False) -> dict[str, bytes]:
-    """SHA-256 of each sealed part of ``ds``, in ``PART_NAMES`` order.
+def part_digests(
+    ds: Dataset, *, undecodable_ok: bool = False, version: int = SEAL_VERSION
+) -> dict[str, bytes]:
+    """SHA-256 of each sealed part of ``ds``, in the order of ``version``'s part names.
 
     Pixels that do not decode raise ``InputError``; with ``undecodable_ok`` (verification of an
     uncompressed or decodable syntax) their digest is empty instead, which matches no seal.
@@ -212,6 +296,11 @@ def part_digests(ds: Dataset, *, undecodable_ok: bool = False) -> dict[str, byte
     parts = {"pixels": pixels}
     for keyword in SEALED_ATTRIBUTES:
         parts[keyword] = attribute_digest(ds, keyword)
+    if version >= 2:
+        for keyword in DISPLAY_ATTRIBUTES:
+            parts[keyword] = attribute_digest(ds, keyword)
+        parts["frame_display"] = _frame_display_digest(ds)
+        parts["medsec_private"] = _private_digest(ds)
     return parts
 
 
@@ -291,12 +380,12 @@ def _as_verifiers(verifiers) -> dict[str, SealVerifier]:
     raise TypeError("verifiers: a KeyRing, a SealVerifier, or a mapping/iterable of SealVerifier")
 
 
-def _recorded_parts(record: dict) -> dict[str, bytes] | None:
+def _recorded_parts(record: dict, names: tuple[str, ...]) -> dict[str, bytes] | None:
     parts = record.get("parts")
-    if not isinstance(parts, dict) or set(parts) != set(PART_NAMES):
+    if not isinstance(parts, dict) or set(parts) != set(names):
         return None
     try:
-        decoded = {name: bytes.fromhex(parts[name]) for name in PART_NAMES}
+        decoded = {name: bytes.fromhex(parts[name]) for name in names}
     except (TypeError, ValueError):
         return None
     return decoded if all(len(v) == 32 for v in decoded.values()) else None
@@ -311,10 +400,12 @@ def verify_dataset(ds: Dataset, verifiers) -> SealVerdict:
     if not record:
         return _invalid("the seal record is not readable JSON: it was damaged")
     version = record.get("version")
-    if version != SEAL_VERSION or isinstance(version, bool):
+    if version not in _PART_NAMES_BY_VERSION or isinstance(version, bool):
         return _invalid(
-            f"seal format version {version!r} is not supported (this reads {SEAL_VERSION})"
+            f"seal format version {version!r} is not supported (this reads "
+            f"{', '.join(map(str, _PART_NAMES_BY_VERSION))})"
         )
+    names = _PART_NAMES_BY_VERSION[version]
     key_id = record.get("key_id")
     if not isinstance(key_id, str) or record.get("algorithm") != SEAL_ALGORITHM:
         return _invalid("the seal record lacks its key id or names another algorithm")
@@ -328,7 +419,7 @@ def verify_dataset(ds: Dataset, verifiers) -> SealVerdict:
             [],
             key_id,
         )
-    recorded = _recorded_parts(record)
+    recorded = _recorded_parts(record, names)
     if recorded is None:
         return _invalid("the seal record's part list is damaged", key_id)
     digest = canonical_digest(recorded)
@@ -342,8 +433,8 @@ def verify_dataset(ds: Dataset, verifiers) -> SealVerdict:
         return _invalid(
             "the seal's signature does not verify: the seal record was altered or forged", key_id
         )
-    current = part_digests(ds, undecodable_ok=True)
-    changed = [name for name in PART_NAMES if current[name] != recorded[name]]
+    current = part_digests(ds, undecodable_ok=True, version=version)
+    changed = [name for name in names if current[name] != recorded[name]]
     if changed:
         note = "" if current["pixels"] else " (the pixel data no longer decodes)"
         return _invalid(f"changed since sealing: {', '.join(changed)}{note}", key_id, changed)

@@ -127,8 +127,9 @@ def test_signing_our_own_sealed_derived_output(tmp_path, ct_ds, crypto_keyset):
     result = dcmsign_verify(signed, _cert(crypto_keyset))
     assert result.returncode == 0, result.stdout + result.stderr
     tags = verify_signatures(pydicom.dcmread(signed)).signatures[0].signed_tags
-    assert "(0011,1010)" in tags and "(0011,1001)" in tags  # seal and record are signed
-    assert "(0008,2112)" in tags  # Source Image Sequence
+    # private elements turn UN in an Implicit VR copy: never signed (the seal covers them)
+    assert not [t for t in tags if int(t[1:5], 16) % 2]
+    assert "(0008,2112)" in tags and "(7FE0,0010)" in tags  # Source Image Sequence, pixels
 
 
 @needs_dcmsign
@@ -300,3 +301,77 @@ def test_implicit_vr_input_signed_by_us_is_accepted_by_dcmsign(tmp_path, ct_ds, 
     assert result.returncode == 0, result.stdout + result.stderr
     report = verify_signatures(pydicom.dcmread(signed))
     assert report.valid and "(0011,1001)" not in report.signatures[0].signed_tags
+
+
+# --------------------------------------------------------------------------------------------
+# the PACS path: transfer syntax changes after signing
+
+
+DCMCONV = Path("/usr/bin/dcmconv")
+
+
+def _derived_sealed_signed(tmp_path, ct_ds, keyset) -> Path:
+    src = _save(ct_ds, tmp_path / "src.dcm")
+    image = read_image(src)
+    out = write_image(image, image.pixels, tmp_path / "wm.dcm", record={"payload": "00ff"})
+    ds = pydicom.dcmread(out)
+    seal_dataset(ds, SealSigner.generate())
+    sign_dataset(ds, keyset.dicom_signer)
+    return _save(ds, tmp_path / "wm_signed.dcm")
+
+
+@needs_dcmsign
+@pytest.mark.parametrize("bits", [8, 16])
+def test_signature_survives_implicit_vr_conversion_by_dcmconv(
+    tmp_path, ct_factory, crypto_keyset, bits
+):
+    ds = ct_factory()
+    if bits == 8:  # Pixel Data may be OB natively but is OW in Implicit VR: sign what stays
+        pixels = (ds.pixel_array % 256).astype("uint8")
+        ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    signed = _derived_sealed_signed(tmp_path, ds, crypto_keyset)
+    implicit = tmp_path / "implicit.dcm"
+    subprocess.run([str(DCMCONV), "+ti", signed, implicit], check=True, timeout=60)
+    converted = pydicom.dcmread(implicit)
+    assert converted.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    result = dcmsign_verify(implicit, _cert(crypto_keyset))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = verify_signatures(converted, trusted=[crypto_keyset.certificate], profile="creator")
+    assert report.status == "valid", report.reason
+
+
+def test_private_unknown_and_mistyped_elements_are_not_signed(ct_ds, crypto_keyset):
+    ct_ds.add_new(0x00091010, "LO", "vendor private")
+    ct_ds.add_new(0x00190010, "LO", "VENDOR")  # a private creator
+    ct_ds.add_new(0x00080070, "SH", "typed SH")  # Manufacturer: the dictionary says LO
+    ct_ds.add_new(0x00211001, "SQ", pydicom.Sequence([pydicom.Dataset()]))
+    item = pydicom.Dataset()
+    item.add_new(0x00091001, "LO", "private inside a sequence")
+    ct_ds.add_new(0x00082218, "SQ", pydicom.Sequence([item]))  # AnatomicRegionSequence
+    sign_dataset(ct_ds, crypto_keyset.dicom_signer)
+    tags = {int(t) for t in ct_ds.MACParametersSequence[0].DataElementsSigned}
+    for unstable in (0x00091010, 0x00190010, 0x00080070, 0x00211001, 0x00082218):
+        assert unstable not in tags
+    assert 0x00100020 in tags and 0x7FE00010 in tags  # PatientID, Pixel Data
+
+
+@needs_dcmsign
+@pytest.mark.parametrize("tool", ["dcmcrle", "dcmcjpls"])
+def test_lossless_re_encode_is_reported_re_encoded_not_invalid(
+    tmp_path, ct_ds, crypto_keyset, tool
+):
+    sign_dataset(ct_ds, crypto_keyset.dicom_signer)
+    signed = _save(ct_ds, tmp_path / "signed.dcm")
+    encoded = tmp_path / "encoded.dcm"
+    subprocess.run([f"/usr/bin/{tool}", signed, encoded], check=True, timeout=60)
+    again = pydicom.dcmread(encoded)
+    assert again.file_meta.TransferSyntaxUID.is_compressed
+    report = verify_signatures(again, trusted=[crypto_keyset.certificate], profile="creator")
+    assert report.status == "re-encoded" and not report.valid, report.reason
+    assert "re-encoded losslessly" in report.reason
+    # a changed pixel value in a re-encoded file is still tampering
+    arr = again.pixel_array.copy()
+    arr[3, 5] ^= 1
+    again.compress(RLELossless, arr, encoding_plugin="pydicom", generate_instance_uid=False)
+    report = verify_signatures(pydicom.dcmread(io.BytesIO(_bytes(again))), profile="creator")
+    assert report.status == "invalid" and "MAC mismatch" in report.reason
