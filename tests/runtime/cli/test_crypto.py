@@ -277,7 +277,7 @@ def test_encrypt_for_a_public_key_then_decrypt_byte_for_byte(tmp_path, runner, a
     assert _lines(result)[0]["recipient_key_id"] == KeyRing.load(keys).recipient.key_id
     clear = pydicom.dcmread(enc)
     assert "PixelData" not in clear and not str(clear.get("PatientName", ""))
-    assert _invoke(runner, app, "decrypt", enc, dec, "--key", keys).exit_code == 0
+    assert _invoke(runner, app, "decrypt", enc, dec, "--keys", keys).exit_code == 0
     assert dec.read_bytes() == ct.read_bytes()
 
 
@@ -287,7 +287,7 @@ def test_decrypt_wrong_key_or_flipped_bit_exits_1_and_writes_nothing(
     enc = tmp_path / "enc.dcm"
     assert _invoke(runner, app, "encrypt", ct, enc, "--to", keys).exit_code == 0
     out = tmp_path / "dec.dcm"
-    result = _invoke(runner, app, "decrypt", enc, out, "--key", other_keys)
+    result = _invoke(runner, app, "decrypt", enc, out, "--keys", other_keys)
     assert result.exit_code == 1 and not out.exists()
     assert "wrapped for key" in result.output
 
@@ -301,7 +301,7 @@ def test_decrypt_wrong_key_or_flipped_bit_exits_1_and_writes_nothing(
         damaged = bytearray(data)
         damaged[pos] ^= 0x01
         flipped.write_bytes(bytes(damaged))
-        result = _invoke(runner, app, "decrypt", flipped, out, "--key", keys)
+        result = _invoke(runner, app, "decrypt", flipped, out, "--keys", keys)
         assert result.exit_code == 1 and not out.exists()
         assert "decryption failed" in result.output
 
@@ -310,14 +310,14 @@ def test_decrypt_wrong_key_or_flipped_bit_exits_1_and_writes_nothing(
     vr_at = data.index(b"\x28\x00\x03\x01US")  # (0028,0103) Pixel Representation, its VR
     damaged[vr_at + 4] ^= 0x07
     flipped.write_bytes(bytes(damaged))
-    result = _invoke(runner, app, "decrypt", flipped, out, "--key", keys)
+    result = _invoke(runner, app, "decrypt", flipped, out, "--keys", keys)
     assert result.exit_code == 4 and not out.exists()
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
     # a public export cannot decrypt
     public = tmp_path / "public"
     assert _invoke(runner, app, "keys", "export-public", keys, public).exit_code == 0
-    result = _invoke(runner, app, "decrypt", enc, out, "--key", public)
+    result = _invoke(runner, app, "decrypt", enc, out, "--keys", public)
     assert result.exit_code == 1 and not out.exists()
 
 
@@ -325,7 +325,7 @@ def test_private_key_readable_by_others_is_refused(tmp_path, runner, app, ct):
     path = tmp_path / "loose"
     assert _invoke(runner, app, "keys", "new", path).exit_code == 0
     os.chmod(path / ENC_PRIVATE, 0o644)
-    result = _invoke(runner, app, "decrypt", ct, tmp_path / "x.dcm", "--key", path)
+    result = _invoke(runner, app, "decrypt", ct, tmp_path / "x.dcm", "--keys", path)
     assert result.exit_code == 2
     assert "chmod 600" in result.output
     os.chmod(path / SEAL_PRIVATE, 0o640)
@@ -350,10 +350,10 @@ def test_restore_gives_back_the_original(tmp_path, runner, app, keys, other_keys
     wm = write_reversible(image, marked, tmp_path / "wm.dcm", record)
     out = tmp_path / "restored.dcm"
 
-    result = _invoke(runner, app, "restore", wm, out, "--key", other_keys)
+    result = _invoke(runner, app, "restore", wm, out, "--keys", other_keys)
     assert result.exit_code == 1 and not out.exists()
 
-    result = _invoke(runner, app, "restore", wm, out, "--key", keys, "--json")
+    result = _invoke(runner, app, "restore", wm, out, "--keys", keys, "--json")
     assert result.exit_code == 0, result.output
     (row,) = _lines(result)
     assert row["bit_exact"] is True and row["output"] == str(out)
@@ -362,6 +362,6 @@ def test_restore_gives_back_the_original(tmp_path, runner, app, keys, other_keys
     assert np.array_equal(restored.pixel_array, image.pixels)
     assert image.dataset.SOPInstanceUID not in result.output, "short hashes, not UIDs"
 
-    result = _invoke(runner, app, "restore", ct, tmp_path / "none.dcm", "--key", keys)
+    result = _invoke(runner, app, "restore", ct, tmp_path / "none.dcm", "--keys", keys)
     assert result.exit_code == 4 and "no reversible record" in result.output
     assert not (tmp_path / "none.dcm").exists()

@@ -14,14 +14,16 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
+from tests.runtime.cli.helpers import run_report
 from tests.runtime.test_no_torch import modules_loaded_after
 
 CLI = [sys.executable, "-m", "medsec_edge.runtime.cli"]
 
 
 def _cli(*args: str, env_key: Path) -> subprocess.CompletedProcess:
-    # the seal key ring beside the watermark key: nothing is written to the real home
-    env = dict(os.environ, MEDSEC_EDGE_KEY=str(env_key), MEDSEC_EDGE_KEYS=str(env_key.parent / "ring"),
+    # the device key set (watermark key inside) and the old key file's place in a temporary
+    # folder: nothing is written to the real home
+    env = dict(os.environ, MEDSEC_EDGE_KEYS=str(env_key.parent), MEDSEC_EDGE_KEY=str(env_key.parent.parent / "old.key"),
                MEDSEC_EDGE_THREADS="2")
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300,
                           stdin=subprocess.DEVNULL)
@@ -29,7 +31,8 @@ def _cli(*args: str, env_key: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def key_path(tmp_path: Path) -> Path:
-    return tmp_path / "keys" / "watermark.key"
+    """Where the device key set keeps its watermark key."""
+    return tmp_path / "keys" / "ring" / "watermark.key"
 
 
 @pytest.fixture()
@@ -57,7 +60,8 @@ def test_embed_then_extract_matches_identity(tmp_path, ct, key_path):
     lines = [json.loads(line) for line in res.stdout.strip().splitlines()]
     assert [row["path"] for row in lines] == [str(out), str(ct)]
     assert lines[0]["found"] is True and lines[0]["identity_match"] is True
-    assert {"payload", "confidence", "bits_corrected"} <= set(lines[0])
+    assert lines[0]["payload_kind"] == "identity"
+    assert {"payload", "confidence", "bits_corrected", "key_id"} <= set(lines[0])
     assert lines[1]["found"] is False
     # moving the pixels to another patient's header is detected
     moved = tmp_path / "moved.dcm"
@@ -72,7 +76,7 @@ def test_explicit_payload_and_bad_payload(tmp_path, ct, key_path):
     out = tmp_path / "x.dcm"
     assert _cli("embed", str(ct), str(out), "--payload", "0123456789abcdef", env_key=key_path).returncode == 0
     row = json.loads(_cli("extract", str(out), "--json", env_key=key_path).stdout)
-    assert row["payload"] == "0123456789abcdef"
+    assert row["payload"] == "0123456789abcdef" and row["payload_kind"] == "user"
     bad = _cli("embed", str(ct), str(tmp_path / "y.dcm"), "--payload", "xyz", env_key=key_path)
     assert bad.returncode == 2 and not (tmp_path / "y.dcm").exists()
 
@@ -95,7 +99,7 @@ def test_run_writes_verified_images_and_a_phi_free_report(tmp_path, ct, key_path
     out = tmp_path / "run"
     res = _cli("run", str(ct.parent), "--out", str(out), "--json", env_key=key_path)
     assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)
+    report = run_report(res.stdout)
     assert report["ok"] == 2 and report["images"] == 2
     assert report["sealed"] == 2, "every DICOM output is sealed and signed (tests/runtime/test_run_seal.py)"
     assert {"embed", "verify", "seal", "total"} <= set(report["latency_ms"])
@@ -111,7 +115,7 @@ def test_device_commands_never_import_torch(tmp_path, ct):
     out = tmp_path / "o"
     code = f"""
 import os
-os.environ["MEDSEC_EDGE_KEY"] = {str(tmp_path / 'k' / 'wm.key')!r}
+os.environ["MEDSEC_EDGE_KEY"] = {str(tmp_path / 'k' / 'old.key')!r}
 os.environ["MEDSEC_EDGE_KEYS"] = {str(tmp_path / 'k' / 'ring')!r}
 from typer.testing import CliRunner
 from medsec_edge.runtime.cli import app

@@ -28,6 +28,7 @@ from medsec_edge.runtime.pipeline import load_watermarker, watermark_file
 from medsec_edge.runtime.crypto.seal import verify_dataset
 from medsec_edge.runtime.crypto.device_keys import KEYS_ENV, default_keys_path, load_or_create_ring
 from medsec_edge.runtime.crypto.sealing import seal_file
+from tests.runtime.cli.helpers import run_report
 from tests.runtime.conftest import make_ct
 from tests.tamper_fixtures import REPO, base_env, restore_logging  # noqa: F401 - fixtures
 
@@ -93,7 +94,7 @@ def sample_run(tmp_path_factory) -> SampleRun:
     root_logger.setLevel(saved[1])
     pyd.setLevel(saved[2])
     assert res.exit_code == 0, res.output
-    return SampleRun(root / "run", ring_path, json.loads(res.stdout), res.stdout)
+    return SampleRun(root / "run", ring_path, run_report(res.stdout), res.stdout)
 
 
 def test_run_seals_and_signs_every_dicom_output(sample_run, cli, tmp_path):
@@ -175,7 +176,7 @@ def test_run_reuses_the_key_ring_given_with_keys(cli, tmp_path):
     res = cli("run", SAMPLES / "MR_small.dcm", "--out", out, "--json", "--keys", ring_dir,
               "--bundle", DEFAULT_BUNDLE, "--threads", "1")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
+    report = run_report(res.stdout)
     assert report["seal_key_id"] == ring.signer.key_id != ring.sets[0].seal.key_id
     assert report["records"][0]["seal_key_id"] == ring.signer.key_id
     ds = dcmread(out / "MR_small.dcm")
@@ -200,7 +201,7 @@ def test_non_dicom_outputs_are_reported_unsealed_not_failed(cli, ring_path, tmp_
     out = tmp_path / "run"
     res = cli("run", folder, "--out", out, "--json", "--bundle", DEFAULT_BUNDLE, "--threads", "1")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
+    report = run_report(res.stdout)
     assert report["ok"] == 1 and report["sealed"] == 0 and report["seal_failed"] == 0
     record = report["records"][0]
     assert record["status"] == "ok" and record["sealed"] is False and record["seal_key_id"] is None

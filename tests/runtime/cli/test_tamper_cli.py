@@ -20,11 +20,12 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from medsec_edge.runtime.cli import app
+from tests.runtime.cli.helpers import run_report
 from tests.tamper_fixtures import *  # noqa: F401,F403 - fixtures
 
 SAMPLES = REPO / "samples"
-ROW_KEYS = {"path", "image_id", "tampered", "score", "operating_point", "watermark", "watermark_deficit",
-            "reasons", "regions", "latency_ms"}
+ROW_KEYS = {"path", "image_id", "tampered", "score", "operating_point", "watermark", "payload_kind",
+            "watermark_deficit", "reasons", "regions", "latency_ms"}
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_run_checks_then_watermarks_and_reports(cli, tamper_env, tmp_path):
     assert res.exit_code == 0, res.output
     assert _digest(SAMPLES) == before, "inputs are never modified"
     report = json.loads((out / "report.json").read_text())
-    assert json.loads(res.stdout) == report
+    assert run_report(res.stdout) == report
     assert report["tamper_check"] == "fpr0.1"
     assert report["images"] == 2 and report["ok"] == 2 and report["tampered"] == 0
     assert {"check", "embed", "verify", "total"} <= set(report["latency_ms"])
@@ -232,7 +233,7 @@ def test_run_without_a_detector_skips_the_check(cli, tamper_env, tmp_path):
     res = cli("run", SAMPLES / "CT_small.dcm", "--out", out, "--json", "--bundle", tamper_env.no_detector,
               "--threads", "1")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
+    report = run_report(res.stdout)
     assert report["tamper_check"].startswith("skipped")
     assert report["records"][0]["tamper"] is None and "check" not in report["latency_ms"]
 
