@@ -1,7 +1,9 @@
 """A small PNG codec for 16-bit colour, which Pillow cannot hold: the writer encodes with it and
 the reader decodes with it (every PNG filter type).
 
-Layer: runtime (io; numpy and zlib only).
+Layer: runtime (io; numpy and zlib only). The decoder skips Pillow and so Pillow's
+decompression-bomb guard: it checks the IHDR against the read limits before inflating, and
+inflates at most the bytes that IHDR describes, so a small file cannot claim gigabytes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import struct
 import zlib
 
 import numpy as np
+
+from medsec_edge.runtime.io.limits import ReadLimits, read_limits
 
 
 # 16-bit colour PNG (Pillow reads it as 8-bit and cannot write it)
@@ -38,9 +42,10 @@ class PngError(ValueError):
     """The PNG cannot be decoded (the reader turns this into a refusal naming the file)."""
 
 
-def png16_decode(data: bytes) -> np.ndarray:
+def png16_decode(data: bytes, limits: ReadLimits | None = None) -> np.ndarray:
     """Decode a non-interlaced 16-bit PNG of colour type 2 (RGB), 4 (grey+alpha) or 6 (RGBA) to
-    (H, W, channels) uint16, alpha included."""
+    (H, W, channels) uint16, alpha included; ``PngError`` for anything else or beyond ``limits``."""
+    limits = limits or read_limits()
     pos, idat, header = 8, [], None
     while pos + 8 <= len(data):
         (length,) = struct.unpack(">I", data[pos : pos + 4])
@@ -49,6 +54,8 @@ def png16_decode(data: bytes) -> np.ndarray:
         if len(body) != length or pos + 12 + length > len(data):
             raise PngError("truncated PNG chunk")
         if kind == b"IHDR":
+            if length != 13:
+                raise PngError("corrupt PNG header (IHDR is not 13 bytes)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)
@@ -57,14 +64,25 @@ def png16_decode(data: bytes) -> np.ndarray:
         pos += 12 + length
     if header is None or not idat:
         raise PngError("PNG without IHDR or IDAT")
-    width, height, _depth, colour_type, _c, _f, interlace = header
+    width, height, depth, colour_type, _c, _f, interlace = header
     if interlace:
         raise PngError("interlaced 16-bit PNG is not supported")
+    if depth != 16 or colour_type not in (2, 4, 6):
+        raise PngError(f"PNG bit depth {depth} colour type {colour_type} is not 16-bit RGB, grey+alpha or RGBA")
     channels = {2: 3, 4: 2, 6: 4}[colour_type]
+    try:
+        limits.check_image("PNG", height, width, 1, channels, 2)
+    except ValueError as exc:
+        raise PngError(str(exc)) from None
     bpp = 2 * channels
     stride = width * bpp
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
-    if raw.size < height * (stride + 1):
+    expected = height * (stride + 1)
+    try:
+        # max_length bounds the output: a bomb inflates no further than the IHDR's claim.
+        raw = np.frombuffer(zlib.decompressobj().decompress(b"".join(idat), expected), np.uint8)
+    except zlib.error:
+        raise PngError("corrupt PNG image data (zlib stream)") from None
+    if raw.size < expected:
         raise PngError("truncated PNG image data")
     raw = raw[: height * (stride + 1)].reshape(height, stride + 1)
     out = np.zeros((height, stride), np.uint8)
