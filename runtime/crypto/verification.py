@@ -61,6 +61,11 @@ def _check_readable(ds, path: Path) -> None:
         )
     if not ds.get("SOPClassUID") and not ds.get("PixelData"):
         raise InputError(f"{path.name}: not a DICOM image (no SOP Class UID, no Pixel Data)")
+    if "PixelData" in ds and not ds.PixelData and ds.get("Rows") and ds.get("Columns"):
+        raise InputError(
+            f"{path.name}: Pixel Data is empty but the header declares "
+            f"{int(ds.Rows)}x{int(ds.Columns)} pixels: nothing to verify"
+        )
 
 
 def _one_line(text: str) -> str:

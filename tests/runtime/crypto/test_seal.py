@@ -298,3 +298,104 @@ def test_native_pixels_equal_pydicoms_decoding(allocated, stored, signed, frames
     expected = ds.pixel_array
     assert fast.dtype == expected.dtype and fast.shape == expected.shape
     assert np.array_equal(fast, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# version 2: display attributes, frame display groups, our private block
+
+
+def test_a_window_added_to_a_file_that_had_none_is_caught(ct_ds, signer):
+    del ct_ds.WindowCenter, ct_ds.WindowWidth
+    sealed = _roundtrip(seal_dataset(ct_ds, signer))
+    assert verify_dataset(sealed, [signer.verifier]).valid
+    sealed.WindowCenter, sealed.WindowWidth = 40, 80
+    verdict = verify_dataset(sealed, [signer.verifier])
+    assert verdict.status == "invalid"
+    assert verdict.changed == ["WindowCenter", "WindowWidth"]
+
+
+def test_a_changed_frame_window_in_the_functional_groups_is_caught(ct_factory, signer):
+    ds = ct_factory(frames=2)
+    voi = pydicom.Dataset()
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    group = pydicom.Dataset()
+    group.FrameVOILUTSequence = pydicom.Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = pydicom.Sequence([group])
+    sealed = _roundtrip(seal_dataset(ds, signer))
+    assert verify_dataset(sealed, [signer.verifier]).valid
+    sealed.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth = 40
+    assert verify_dataset(sealed, [signer.verifier]).changed == ["frame_display"]
+
+
+def _derived(tmp_path, ct_ds):
+    src = tmp_path / "src.dcm"
+    ct_ds.save_as(src, enforce_file_format=True)
+    image = read_image(src)
+    out = write_image(image, image.pixels, tmp_path / "out.dcm", record={"payload": "ab"})
+    return pydicom.dcmread(out)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["record", "source_uid", "added", "removed"],
+)
+def test_our_private_block_is_sealed(tmp_path, ct_ds, signer, change):
+    sealed = _roundtrip(seal_dataset(_derived(tmp_path, ct_ds), signer))
+    assert verify_dataset(sealed, [signer.verifier]).valid
+    block = sealed.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    if change == "record":
+        block[RECORD_ELEMENT].value = json.dumps({"payload": "ac"}, sort_keys=True)
+    elif change == "source_uid":
+        block[SOURCE_UID_ELEMENT].value = "1.2.3.4"
+    elif change == "added":
+        block.add_new(0x40, "LO", "later")
+    else:
+        del sealed[block.get_tag(RECORD_ELEMENT)]
+    verdict = verify_dataset(sealed, [signer.verifier])
+    assert verdict.status == "invalid" and verdict.changed == ["medsec_private"]
+
+
+def test_what_encrypt_adds_later_is_outside_the_seal(tmp_path, ct_ds, signer):
+    from medsec_edge.runtime.io.dicom_writer import ENCRYPTED_ELEMENT, WRAPPED_KEY_ELEMENT
+
+    sealed = _roundtrip(seal_dataset(_derived(tmp_path, ct_ds), signer))
+    block = sealed.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    block.add_new(ENCRYPTED_ELEMENT, "OB", b"\x01\x02\x03")
+    block.add_new(WRAPPED_KEY_ELEMENT, "UT", "{}")
+    assert verify_dataset(sealed, [signer.verifier]).valid
+
+
+def test_the_seal_survives_an_implicit_vr_copy_of_our_private_block(tmp_path, ct_ds, signer):
+    # Implicit VR: our private elements come back as UN bytes, padded; the seal reads them alike
+    sealed = seal_dataset(_derived(tmp_path, ct_ds), signer)
+    block = sealed.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    block.add_new(0x30, "OB", b"\x01\x02\x03")  # odd length: padded when written
+    seal_dataset(sealed, signer)
+    sealed.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    implicit = _roundtrip(sealed)
+    raw = implicit.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[RECORD_ELEMENT]
+    assert raw.VR == "UN" and isinstance(raw.value, bytes)
+    assert verify_dataset(implicit, [signer.verifier]).valid
+
+
+def test_version_1_seals_still_verify(ct_ds, signer):
+    from medsec_edge.runtime.crypto import seal as seal_module
+
+    parts = part_digests(ct_ds, version=1)
+    digest = seal_module.canonical_digest(parts)
+    message = seal_module._signed_message(signer.key_id, digest)
+    record = {
+        "version": 1,
+        "algorithm": "Ed25519",
+        "key_id": signer.key_id,
+        "digest": digest.hex(),
+        "parts": {name: value.hex() for name, value in parts.items()},
+        "signature": __import__("base64").b64encode(signer.sign(message)).decode(),
+    }
+    ct_ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(
+        SEAL_ELEMENT, "UT", json.dumps(record)
+    )
+    assert set(parts) == set(PART_NAMES[: 1 + len(SEALED_ATTRIBUTES)])
+    assert verify_dataset(_roundtrip(ct_ds), [signer.verifier]).valid
+    ct_ds.PatientID = "PID-0001"
+    assert verify_dataset(_roundtrip(ct_ds), [signer.verifier]).changed == ["PatientID"]
