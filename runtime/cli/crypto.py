@@ -233,7 +233,8 @@ def verify(
             }
             for r in rows
         ]
-        details = [f"{Path(r['path']).name}: {r['reason']}" for r in rows if not r["valid"]]
+        details = [f"{Path(r['path']).name}: {part}" for r in rows if not r["valid"]
+                   for part in str(r["reason"]).split("; ")]
         table(None, shown, ["path", "valid", "seal", "signature"], details=details)
     if worst:
         raise typer.Exit(worst)

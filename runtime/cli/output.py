@@ -76,7 +76,9 @@ def table(title: str | None, rows: list[dict], columns: list[str], details: Iter
     if cells and first_width is None:
         others = sum(max(len(c), *(len(r[i]) for r in cells)) + 2 for i, c in enumerate(columns) if i)
         first_width = max(12, min(48, console.width - others - 2))
-    out = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    if title:
+        console.print(escape(title), highlight=False, soft_wrap=True)
+    out = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i, col in enumerate(columns):
         out.add_column(col, no_wrap=True, overflow="ellipsis")
     for row in cells:
@@ -85,21 +87,30 @@ def table(title: str | None, rows: list[dict], columns: list[str], details: Iter
         out.add_row(*[escape(c) for c in row])
     console.print(out)
     for line in details:
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(escape(_hanging(line, console.width)), highlight=False, soft_wrap=True)
 
 
 def record(title: str, row: dict) -> None:
     """One result (a key set, a sealed file) as ``field  value`` lines: fits any width."""
-    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    out = Table(title=title, box=None, show_header=False, title_justify="left", pad_edge=False)
+    console = stdout()
+    console.print(escape(title), highlight=False, soft_wrap=True)
+    out = Table(box=None, show_header=False, pad_edge=False)
     out.add_column("field", style="bold", no_wrap=True)
     out.add_column("value", overflow="fold")
     for key, value in row.items():
         out.add_row(key, escape("" if value is None else _cell(value)))
-    stdout().print(out)
+    console.print(out)
+
+
+def _hanging(line: str, width: int) -> str:
+    """``line`` wrapped to ``width``, continuation lines indented: short lines under a table."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(line, width=max(20, width - 1), subsequent_indent="  ",
+                                    break_long_words=True, break_on_hyphens=False)) or line
 
 
 def _cell(value) -> str:
@@ -122,7 +133,8 @@ def progress(total: int, what: str) -> Iterator:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    # No redirection: rich would route stdout (the results, JSON lines) through the stderr console.
     with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+                  console=console, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(what, total=total)
         yield lambda: bar.advance(task)
