@@ -250,6 +250,9 @@ def build_derived_dataset(
     was_compressed = bool(source_ts) and source_ts.is_compressed
     if source_ts and not source_ts.is_little_endian:
         _swap_words_to_little_endian(ds)
+        # Every element is decoded now (the swap visited them all): the dataset is little endian
+        # in memory, so it can be sealed, signed and written in memory without a round trip.
+        ds.set_original_encoding(False, True, ds.original_character_set)
 
     # Write little endian, explicit VR, uncompressed, whatever the source used.
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
