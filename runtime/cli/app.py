@@ -51,7 +51,10 @@ def _missing(name: str, reason: str):
     def command(ctx: typer.Context) -> None:
         missing_extra(name, extra, reason)
 
-    command.__doc__ = f"(not installed) needs: pip install 'medsec-edge[{extra}]'"
+    # help= rather than a docstring: the text goes through compose_help's markup escaping, or
+    # rich would read "[train]" as a style tag and drop it
+    command.help_text = compose_help(f"(not installed) needs: pip install 'medsec-edge[{extra}]'",
+                                     f"pip install 'medsec-edge[{extra}]'")
     return command
 
 
@@ -64,15 +67,17 @@ def register_plugins(target: typer.Typer) -> None:
         try:
             register = ep.load()
         except ImportError as exc:
-            target.command(ep.name, cls=Command, add_help_option=False,
+            stub = _missing(ep.name, exc.name or "a module")
+            target.command(ep.name, cls=Command, add_help_option=False, help=stub.help_text,
                            context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                           )(_missing(ep.name, exc.name or "a module"))
+                           )(stub)
             continue
         register(target)
     for name in EXTRA_OF.keys() - found:
-        target.command(name, cls=Command, add_help_option=False, hidden=True,
+        stub = _missing(name, "its package")
+        target.command(name, cls=Command, add_help_option=False, hidden=True, help=stub.help_text,
                        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                       )(_missing(name, "its package"))
+                       )(stub)
 
 
 images.register(app)

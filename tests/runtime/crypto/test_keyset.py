@@ -52,10 +52,11 @@ def test_new_key_dir_writes_private_0600_public_0644_and_a_0700_directory(keyset
     assert _mode(path) == 0o700
     for name in ck.PRIVATE_FILES:
         assert _mode(path / name) == 0o600, name
+    assert _mode(path / ck.WATERMARK_KEY) == 0o600
     for name in (*ck.PUBLIC_FILES, ck.KEYSET_FILE):
         assert _mode(path / name) == 0o644, name
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        (*ck.PRIVATE_FILES, *ck.PUBLIC_FILES, ck.KEYSET_FILE)
+        (*ck.PRIVATE_FILES, *ck.PUBLIC_FILES, ck.KEYSET_FILE, ck.WATERMARK_KEY)
     )
 
 
@@ -172,9 +173,14 @@ def test_missing_or_foreign_files_are_refused_clearly(tmp_path):
 
 def test_export_public_has_no_private_file_and_cannot_sign(keyset, tmp_path):
     out = export_public(keyset.path, tmp_path / "pub")
-    assert not any((out / name).exists() for name in ck.PRIVATE_FILES)
+    assert not any((out / name).exists() for name in (*ck.PRIVATE_FILES, ck.WATERMARK_KEY))
     public = load_key_dir(out)
     assert public.seal_signer is None and public.decryption is None and public.dicom_signer is None
+    assert public.watermark is None and KeyRing.load(out).watermark is None
+    secret = keyset.watermark.secret
+    for name in (p.name for p in out.iterdir()):
+        data = (out / name).read_bytes()
+        assert secret not in data and base64.b64encode(secret) not in data, name
     assert public.seal.key_id == keyset.seal.key_id
     with pytest.raises(KeyFileError, match="exists"):
         export_public(keyset.path, out)
@@ -209,3 +215,55 @@ def test_in_memory_signer_has_a_matching_verifier():
     signer = SealSigner.generate()
     assert signer.verifier.key_id == signer.key_id == key_id_of(signer.private_key.public_key())
     assert signer.verifier.verify(signer.sign(b"m"), b"m")
+
+
+# --------------------------------------------------------------------------------------------
+# the watermark key in the set
+
+
+def test_the_set_holds_the_watermark_key_and_the_ring_exposes_it(keyset):
+    from medsec_edge.runtime.crypto.watermark_key import load_key
+
+    assert keyset.watermark is not None
+    assert keyset.watermark == load_key(keyset.path / ck.WATERMARK_KEY)
+    assert keyset.watermark_key_id == keyset.watermark.key_id
+    assert KeyRing.load(keyset.path).watermark.secret == keyset.watermark.secret
+    assert base64.b64encode(keyset.watermark.secret).decode() not in repr(keyset)
+    assert load_key_dir(keyset.path, private=False).watermark is None, "a secret: private only"
+
+
+@posix_only
+def test_a_loose_watermark_key_in_the_set_is_refused(keyset):
+    path = keyset.path / ck.WATERMARK_KEY
+    path.chmod(0o644)
+    try:
+        with pytest.raises(KeyFileError, match=f"chmod 600 {path}"):
+            load_key_dir(keyset.path)
+    finally:
+        path.chmod(0o600)
+
+
+def test_rotation_keeps_the_watermark_key(tmp_path):
+    ring_dir = tmp_path / "ring"
+    first = KeyRing.rotate(ring_dir)
+    second = KeyRing.rotate(ring_dir)
+    assert second.seal.key_id != first.seal.key_id
+    assert second.watermark.secret == first.watermark.secret
+    assert KeyRing.load(ring_dir).watermark.key_id == first.watermark.key_id
+    # a ring from before the watermark key moved in gets none (never a fresh one that would
+    # make the marks already made read as another image's): the device's first use imports it
+    old_ring = tmp_path / "old-ring"
+    new_key_dir(old_ring / "a", watermark=False)
+    assert KeyRing.rotate(old_ring).watermark is None
+
+
+def test_a_watermark_key_is_added_once(tmp_path):
+    from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
+
+    path = new_key_dir(tmp_path / "k", watermark=False).path
+    assert load_key_dir(path).watermark is None
+    key = WatermarkKey.from_secret(bytes(range(32)))
+    assert ck.add_watermark_key(path, key).watermark == key
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        ck.add_watermark_key(path, WatermarkKey.from_secret(bytes(32)))
+    assert load_key_dir(path).watermark == key

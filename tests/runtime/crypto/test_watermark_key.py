@@ -238,3 +238,22 @@ def test_concurrent_creator_wins_and_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(keys_mod.os, "link", racing_link)
     key = load_or_create_key(path)
     assert key == theirs[0]
+
+
+@posix_only
+def test_store_key_writes_the_same_secret_owner_only_and_never_overwrites(tmp_path):
+    """What the key set's migration uses: the imported file is the same key, same id."""
+    old = create_key(tmp_path / "old.key")
+    target = tmp_path / "set" / "watermark.key"
+    keys_mod.store_key(target, old)
+    assert _mode(target) == 0o600
+    again = load_key(target)
+    assert again.secret == old.secret and again.key_id == old.key_id
+    assert target.read_bytes() == (tmp_path / "old.key").read_bytes()  # one file format
+    before = target.read_bytes()
+    with pytest.raises(KeyFileError, match="refusing to overwrite") as info:
+        keys_mod.store_key(target, WatermarkKey.from_secret(bytes(KEY_BYTES)))
+    assert target.read_bytes() == before
+    for form in _secret_forms(old):
+        assert form not in str(info.value)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["watermark.key"]  # no temp file left
