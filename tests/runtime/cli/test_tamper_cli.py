@@ -20,6 +20,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from medsec_edge.runtime.cli import app
+from medsec_edge.runtime.tamper.report import mask_name
 from tests.runtime.cli.helpers import run_report
 from tests.tamper_fixtures import *  # noqa: F401,F403 - fixtures
 
@@ -115,7 +116,7 @@ def test_check_flags_exits_1_and_writes_a_phi_free_mask(cli, tamper_env, inputs,
         assert row["reasons"] == ["blind detector"]
         assert row["regions"] == [{"x": 0, "y": 0, "width": side, "height": side, "frame": 0, "source": "blind"}]
         mask = Path(row["mask"])
-        assert mask.parent == masks and mask.name == f"{row['image_id']}.frame0.mask.png"
+        assert mask.parent == masks and mask.name == mask_name(row["image_id"], Path(row["path"]), 0)
         from PIL import Image
 
         with Image.open(mask) as png:
