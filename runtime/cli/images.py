@@ -312,9 +312,10 @@ def _summary(report: dict, records) -> None:
             misses.setdefault(miss.split(" ", 1)[0], []).append(miss)
     lines = [f"budget: {stage} over {items[0].rsplit('> ', 1)[-1]} on {len(items)} of {report['images']} images"
              for stage, items in sorted(misses.items())]
-    stdout().print(escape(
-        f"{report['ok']}/{report['images']} watermarked and verified, {report['sealed']} sealed; "
-        f"{report['tampered']} tampered, {report['verify_failed']} failed, {report['seal_failed']} "
-        f"not sealable, {report['bad_input']} bad input"), highlight=False)
+    problems = ", ".join(f"{report[k]} {label}" for k, label in (
+        ("tampered", "tampered"), ("verify_failed", "failed verification"), ("seal_failed", "not sealable"),
+        ("bad_input", "bad input")) if report[k])
+    stdout().print(escape(f"{report['ok']}/{report['images']} watermarked and verified, {report['sealed']} sealed"
+                          + (f"; {problems}" if problems else "")), highlight=False)
     table("latency ms", [{"stage": s, **v} for s, v in report["latency_ms"].items()],
           ["stage", "p50", "p99", "n"], details=lines)
