@@ -55,8 +55,10 @@ def embed(
     output: Path = typer.Argument(..., help="Where to write the watermarked image (same format)."),
     payload: Optional[str] = typer.Option(None, "--payload", help="16 hex digits instead of the identity MAC."),
     keys: Optional[Path] = keys_option("created on first use; its watermark key makes the identity MAC"),
-    reversible: bool = typer.Option(False, "--reversible", help="Keep the exact original recoverable by --to's key holder ('restore'; DICOM only)."),
-    to: Optional[Path] = typer.Option(None, "--to", metavar="DIR", help="Public key set of who may restore; with --reversible."),
+    reversible: bool = typer.Option(
+        False, "--reversible", help="Keep the exact original recoverable by --to's key holder ('restore'; DICOM only)."),
+    to: Optional[Path] = typer.Option(
+        None, "--to", metavar="DIR", help="Public key set of who may restore; with --reversible."),
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = JsonOpt,
@@ -154,7 +156,8 @@ def run(
     inputs: list[Path] = typer.Argument(..., help="Images and folders of images."),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder (created; inputs are never modified)."),
     keys: Optional[Path] = keys_option("created on first use; seals and signs every DICOM output"),
-    payload: Optional[str] = typer.Option(None, "--payload", help="16 hex digits for every image instead of the identity MAC."),
+    payload: Optional[str] = typer.Option(
+        None, "--payload", help="16 hex digits for every image instead of the identity MAC."),
     operating_point: Optional[str] = OperatingPointOpt,
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -215,7 +218,8 @@ def run(
 def check(
     inputs: list[Path] = typer.Argument(..., help="Images and folders of images."),
     keys: Optional[Path] = keys_option("used only if it exists; its watermark key tells a mark naming another image"),
-    mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", metavar="DIR", help="Write a mask PNG per tampered image here."),
+    mask_dir: Optional[Path] = typer.Option(
+        None, "--mask-dir", metavar="DIR", help="Write a mask PNG per tampered image here."),
     operating_point: Optional[str] = OperatingPointOpt,
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
