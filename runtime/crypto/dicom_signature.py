@@ -454,6 +454,7 @@ class SignatureResult:
     signed_tags: list[str] = field(default_factory=list)
     trusted: bool | None = None  # None: no trust anchors were given
     timestamp_present: bool = False
+    re_encoded: str = ""  # status 're-encoded': how the Pixel Data was re-encoded
 
 
 @dataclass(frozen=True)
@@ -619,10 +620,12 @@ def _verify_one(ds: Dataset, item: Dataset, mac_items: dict, trusted, profile) -
                 f"does not meet the Creator RSA profile: unsigned {', '.join(lacking)}",
                 **info,
             )
-    status, valid = ("re-encoded", f"signature valid over the {re_encoded}") if re_encoded else (
-        "valid",
-        "signature valid",
+    status, valid = (
+        ("re-encoded", f"signature valid over the decoded pixels ({re_encoded})")
+        if re_encoded
+        else ("valid", "signature valid")
     )
+    info["re_encoded"] = re_encoded
     if trusted is None:
         return result(status, f"{valid} (certificate trust not checked)", **info)
     when = _parse_dt(signed_at) or _dt.datetime.now(_dt.timezone.utc)
@@ -675,10 +678,7 @@ def _verifies_over_decoded_pixels(ds, item, mac_item, tags, public, signature) -
             )
         except (InvalidSignature, UsageError):
             continue
-        return (
-            f"decoded pixels: Pixel Data re-encoded losslessly from {signed_as.name} to "
-            f"{now.name}"
-        )
+        return f"Pixel Data re-encoded losslessly from {signed_as.name} to {now.name}"
     return ""
 
 
@@ -714,9 +714,8 @@ def verify_signatures(
             )
     re_encoded = [r for r in results if r.status == "re-encoded"]
     if re_encoded:
+        why = re_encoded[0].re_encoded
         return DicomSignatureReport(
-            "re-encoded",
-            f"{len(results)} signature(s) valid over the decoded pixels: {re_encoded[0].reason}",
-            results,
+            "re-encoded", f"{len(results)} signature(s) valid over the decoded pixels: {why}", results
         )
     return DicomSignatureReport("valid", f"{len(results)} signature(s) valid", results)

@@ -111,8 +111,8 @@ def _verify(path: Path, ring) -> tuple[dict, int]:
     valid = verdict.valid and (report.valid or re_encoded)
     if re_encoded:
         reason = (
-            f"seal valid (key {verdict.key_id}); DICOM signature re-encoded: the pixel data was "
-            f"re-encoded after signing and the pixels are unchanged ({report.reason})"
+            f"seal valid (key {verdict.key_id}); DICOM signature re-encoded: {report.reason}; "
+            "the seal proves the pixel values unchanged"
         )
     elif valid:
         reason = f"seal valid (key {verdict.key_id}); {report.reason}"
