@@ -1,10 +1,11 @@
 """The acquisition-time job and its building blocks: open the default bundle, check, watermark, verify, seal.
 
-Layer: runtime. ``run`` reads each image, checks it for tampering (refusing tampered ones),
-watermarks it with a payload bound to its DICOM
-identity, re-extracts from the in-memory result to verify before anything is written, writes
-atomically, and (given a key ring) seals and signs the written DICOM file (``seal_stage``);
-every stage is timed and compared with the bundle's latency budgets (the seal has none).
+Layer: runtime. ``run`` reads each image once, checks it for tampering (refusing tampered ones),
+watermarks it with a payload bound to its DICOM identity, re-extracts from the in-memory result
+to verify before anything is written, builds the output dataset, seals and signs it in memory
+(``crypto.sealing``) and writes it once, atomically (``io.atomic``): an output exists under its
+name only complete and sealed. Every stage is timed and compared with the bundle's latency
+budgets (the seal has none); an image that fails is a record, never the end of the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from medsec_edge.runtime.bundle import Bundle, open_bundle
-from medsec_edge.runtime.errors import BundleError, InputError, MedsecError
+from medsec_edge.runtime.errors import BundleError, MedsecError
+from medsec_edge.runtime.io.atomic import atomic_output, remove_stale_temporaries, write_bytes_atomic
+from medsec_edge.runtime.io.dicom_writer import build_derived_dataset
 from medsec_edge.runtime.io.image import MedicalImage
-from medsec_edge.runtime.io.formats import FORMAT_BY_SUFFIX
 from medsec_edge.runtime.io.readers import read_image
-from medsec_edge.runtime.io.writers import write_image
-from medsec_edge.runtime.crypto.sealing import seal_file
+from medsec_edge.runtime.io.writers import checked_pixels, output_format, write_image
+from medsec_edge.runtime.crypto.sealing import sealed_bytes
 from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
 from medsec_edge.runtime.tamper.checker import TamperChecker
 from medsec_edge.runtime.watermark.identity import payload_for
@@ -95,50 +99,94 @@ def size_class(shape_hw: tuple[int, int]) -> str:
 
 def _keep_aside(path: Path, aside_path: Path, image: MedicalImage, verdict) -> Path:
     """Copy a refused input next to a JSON of why (named by hash: no patient data), atomically."""
-    import json
-    import shutil
-
     aside_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = aside_path.with_name(aside_path.name + ".tmp")
-    shutil.copyfile(path, tmp)
-    tmp.replace(aside_path)
+    with open(path, "rb") as src, atomic_output(aside_path, path) as dst:
+        shutil.copyfileobj(src, dst)
     reason = {"image_id": image.meta.image_id, **verdict.to_dict()}
-    aside_path.with_name(aside_path.name + ".reason.json").write_text(json.dumps(reason, indent=1))
+    write_bytes_atomic(aside_path.with_name(aside_path.name + ".reason.json"), json.dumps(reason, indent=1).encode())
     return aside_path
+
+
+_QUOTED = re.compile(r"""'[^']*'|"[^"]*"|\b\d+(?:\.\d+){2,}\b""")
+
+
+def _one_line(exc: BaseException) -> str:
+    """A refusal as one PHI-free line.
+
+    Our own errors name images by hash already; a decoder's or numpy's message may quote a value
+    from the file (a name, a UID), so quoted text and UID-like numbers are blanked out of it.
+    """
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, MedsecError):
+        text = f"{type(exc).__name__}: {_QUOTED.sub('…', text)}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle: Bundle,
                    key: WatermarkKey | None, explicit: bytes | None, *, checker=None,
                    operating_point: str | None = None, aside_path: Path | None = None,
                    reversible_to=None, keyring=None) -> RunRecord:
-    """Read, check, embed, verify in memory, write atomically, seal; every stage timed.
+    """Read, check, embed, verify in memory, seal in memory, write once atomically; every stage timed.
 
     With ``checker`` an image found tampered is not watermarked: it is reported and, with
     ``aside_path``, copied there with a ``.reason.json`` beside it. With ``keyring`` (a
-    ``crypto_keys.KeyRing`` that can sign) a DICOM output is sealed and signed where it was
-    written; if that fails the unsealed file is removed (status ``seal_failed``). PNG, TIFF, JPEG
-    and NPY outputs have nowhere to keep a seal: they are written unsealed, with the reason.
+    ``keyset.KeyRing`` that can sign) a DICOM output is built, sealed and signed in memory and
+    only then written, so it never exists under its name unsealed; if sealing fails nothing is
+    written (status ``seal_failed``). PNG, TIFF, JPEG and NPY outputs have nowhere to keep a seal:
+    they are written unsealed, with the reason.
+
+    An image that fails anywhere after the read (our refusals, a decoder's or numpy's error, a
+    model output that is not finite) is answered with a ``bad_input`` record naming the stage and
+    why, never an exception, so a batch goes on. Only an ``OSError`` of the output (a full disk)
+    is raised: it is no image's fault and the next image would meet it too.
     """
     lat: dict[str, float] = {}
+    state = {"stage": "read", "image": None}
     t0 = time.perf_counter()
     try:
-        image = read_image(path)
-    except InputError as exc:
-        return RunRecord(image_id="", input=str(path), output=None, status="bad_input", reason=str(exc))
+        return _watermark(path, out_path, watermarker, bundle, key, explicit, checker=checker,
+                          operating_point=operating_point, aside_path=aside_path, reversible_to=reversible_to,
+                          keyring=keyring, lat=lat, state=state, t0=t0)
+    except OSError as exc:
+        if state["stage"] in ("write", "aside"):
+            raise
+        failure = exc
+    except MedsecError as exc:
+        failure = exc
+    except Exception as exc:  # noqa: BLE001 - a decoder, numpy or a backend failing on this image
+        failure = exc
+    image = state["image"]
+    lat["total"] = (time.perf_counter() - t0) * 1e3
+    log.warning("image %s refused at %s: %s", image.meta.image_id if image is not None else "(unread)",
+                state["stage"], type(failure).__name__)
+    return RunRecord(
+        image_id=image.meta.image_id if image is not None else "", input=str(path), output=None,
+        status="bad_input", reason=f"{state['stage']}: {_one_line(failure)}",
+        shape=tuple(int(s) for s in image.pixels.shape) if image is not None else (),
+        latency_ms={k: round(v, 2) for k, v in lat.items()},
+    )
+
+
+def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, operating_point, aside_path,
+               reversible_to, keyring, lat, state, t0) -> RunRecord:
+    image = read_image(path)
+    state["image"] = image
     lat["read"] = (time.perf_counter() - t0) * 1e3
-    dicom_out = FORMAT_BY_SUFFIX.get(out_path.suffix.lower(), "dicom") == "dicom"
+    dicom_out = output_format(image, out_path) == "dicom"
     if reversible_to is not None and (image.dataset is None or not dicom_out):
         return RunRecord(image_id=image.meta.image_id, input=str(path), output=None, status="bad_input",
                          reason="--reversible needs a DICOM input and a DICOM output "
                                 "(the record lives in its private block)")
     tamper = None
     if checker is not None:
+        state["stage"] = "check"
         tc = time.perf_counter()
         verdict = checker.check(image, operating_point)
         lat["check"] = (time.perf_counter() - tc) * 1e3
         tamper = {"tampered": verdict.tampered, "score": round(verdict.score, 6), "watermark": verdict.watermark,
                   "reasons": list(verdict.reasons), "regions": [r.to_dict() for r in verdict.regions]}
         if verdict.tampered:
+            state["stage"] = "aside"
             kept = _keep_aside(path, aside_path, image, verdict) if aside_path is not None else None
             lat["total"] = (time.perf_counter() - t0) * 1e3
             return RunRecord(
@@ -147,10 +195,12 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
                 shape=tuple(int(s) for s in image.pixels.shape),
                 latency_ms={k: round(v, 2) for k, v in lat.items()}, tamper=tamper,
             )
+    state["stage"] = "embed"
     payload, mode = payload_for(image, key, explicit)
     t1 = time.perf_counter()
     embedded = watermarker.embed(image, payload)
     lat["embed"] = (time.perf_counter() - t1) * 1e3
+    state["stage"] = "verify"
     t2 = time.perf_counter()
     check = watermarker.extract(replace(image, pixels=embedded.pixels))
     lat["verify"] = (time.perf_counter() - t2) * 1e3
@@ -161,23 +211,11 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
         "bundle": bundle.manifest.name, "bundle_key_id": bundle.key_id,
         "target_psnr_db": embedded.target_psnr_db, "verified": bool(ok),
     }
-    written = None
+    written, seal, seal_failed = None, {}, False
     if ok:
-        t3 = time.perf_counter()
-        if reversible_to is None:
-            written = write_image(image, embedded.pixels, out_path, record=record,
-                                  description="Invisible watermark embedded by medsec-edge")
-        else:
-            from medsec_edge.runtime.crypto.reversible import record_for_image, write_reversible
-
-            reversible = record_for_image(image, embedded.pixels, reversible_to)
-            record["reversible"] = reversible.to_dict()  # sizes and key ids only
-            written = write_reversible(image, embedded.pixels, out_path, reversible, watermark_record=record,
-                                       description="Invisible watermark embedded by medsec-edge (reversible)")
-        lat["write"] = (time.perf_counter() - t3) * 1e3
-    seal, seal_failed = _seal_output(written, image, keyring, lat)
-    if seal_failed:
-        written = None
+        state["stage"] = "write"
+        written, seal, seal_failed = _write_output(image, embedded.pixels, out_path, record, reversible_to,
+                                                   keyring, lat, state)
     lat["total"] = (time.perf_counter() - t0) * 1e3
     budgets = bundle.manifest.budgets_ms
     cls = size_class(image.shape_hw)
@@ -187,7 +225,8 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
         if limit is not None and stage in lat and lat[stage] > limit:
             misses.append(f"{budget_stage} {lat[stage]:.1f} ms > {limit} ms")
     if seal_failed:
-        status, reason = "seal_failed", "sealing the written file failed, so it was removed: " + seal["seal_reason"]
+        status = "seal_failed"
+        reason = "sealing failed, so the output was removed before it was written: " + seal["seal_reason"]
     elif ok:
         status, reason = "ok", ""
     else:
@@ -201,28 +240,57 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     )
 
 
-def _seal_output(written: Path | None, image: MedicalImage, keyring,
-                 lat: dict[str, float]) -> tuple[dict, bool]:
-    """Seal and sign a written DICOM output, timed as ``lat['seal']``.
+_WATERMARK_DESCRIPTION = "Invisible watermark embedded by medsec-edge"
 
-    Returns the RunRecord's seal fields and whether sealing failed (the file is then removed).
+
+def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, record: dict, reversible_to,
+                  keyring, lat: dict[str, float], state: dict) -> tuple[Path | None, dict, bool]:
+    """Write the one output: a sealed DICOM built and sealed in memory, else as ``write_image`` does.
+
+    Returns the path written (None if nothing was), the RunRecord's seal fields and whether
+    sealing failed. ``lat`` gets ``write`` (build the dataset, write the bytes) and ``seal``
+    (seal, sign, encode and check the encoding reads back as sealed).
     """
-    if written is None:
-        return {}, False
+    fmt = output_format(image, out_path)
+    t3 = time.perf_counter()
+    if fmt == "dicom" and keyring is not None:
+        pixels = checked_pixels(image, pixels, out_path)
+        if reversible_to is None:
+            ds = build_derived_dataset(image, pixels, record=record, description=_WATERMARK_DESCRIPTION)
+        else:
+            from medsec_edge.runtime.crypto.reversible import build_reversible_dataset, record_for_image
+
+            reversible = record_for_image(image, pixels, reversible_to)
+            record["reversible"] = reversible.to_dict()  # sizes and key ids only
+            ds = build_reversible_dataset(image, pixels, reversible, watermark_record=record,
+                                          description=_WATERMARK_DESCRIPTION + " (reversible)")
+        built = time.perf_counter()
+        state["stage"] = "seal"
+        try:
+            data, result = sealed_bytes(ds, keyring)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the seal, nothing unsealed is written
+            lat["write"] = (built - t3) * 1e3
+            lat["seal"] = (time.perf_counter() - built) * 1e3
+            return None, {"seal_reason": _one_line(exc)}, True
+        sealed = time.perf_counter()
+        lat["seal"] = (sealed - built) * 1e3
+        state["stage"] = "write"
+        written = write_bytes_atomic(out_path, data, image.path)
+        lat["write"] = (built - t3 + time.perf_counter() - sealed) * 1e3
+        return written, {"sealed": True, "seal_key_id": result.seal_key_id}, False
+    if reversible_to is None:
+        written = write_image(image, pixels, out_path, record=record, description=_WATERMARK_DESCRIPTION)
+    else:
+        from medsec_edge.runtime.crypto.reversible import record_for_image, write_reversible
+
+        reversible = record_for_image(image, pixels, reversible_to)
+        record["reversible"] = reversible.to_dict()  # sizes and key ids only
+        written = write_reversible(image, pixels, out_path, reversible, watermark_record=record,
+                                   description=_WATERMARK_DESCRIPTION + " (reversible)")
+    lat["write"] = (time.perf_counter() - t3) * 1e3
     if keyring is None:
-        return {"seal_reason": "no key ring given: not sealed"}, False
-    fmt = FORMAT_BY_SUFFIX.get(Path(written).suffix.lower(), image.meta.source_format)
-    if fmt != "dicom":
-        return {"seal_reason": f"{fmt.upper()} output cannot carry a seal (DICOM only): not sealed"}, False
-    ts = time.perf_counter()
-    try:
-        result = seal_file(written, keyring)
-    except MedsecError as exc:
-        Path(written).unlink(missing_ok=True)  # nothing leaves the job unsigned
-        return {"seal_reason": str(exc)}, True
-    finally:
-        lat["seal"] = (time.perf_counter() - ts) * 1e3
-    return {"sealed": True, "seal_key_id": result.seal_key_id}, False
+        return written, {"seal_reason": "no key ring given: not sealed"}, False
+    return written, {"seal_reason": f"{fmt.upper()} output cannot carry a seal (DICOM only): not sealed"}, False
 
 
 def run_batch(files: list[Path], names: list[Path], out: Path, watermarker: Watermarker, bundle: Bundle,
@@ -230,17 +298,37 @@ def run_batch(files: list[Path], names: list[Path], out: Path, watermarker: Wate
               operating_point: str | None, check_note: str, ring, on_done=None) -> tuple[dict, list[RunRecord]]:
     """The acquisition-time job over ``files``: each is written to ``out / names[i]`` (tampered ones
     to ``out/tampered/``), and the report (counts, per-stage latency percentiles, one PHI-free
-    record per image) is written to ``out/report.json`` and returned with the records."""
+    record per image) is written to ``out/report.json`` and returned with the records.
+
+    Temporaries of ours that a killed run left under ``out`` are removed first. One bad image
+    is one ``bad_input`` record and the batch goes on; the report is written whatever happens,
+    also when an error of the output itself (a full disk) or an interrupt stops the batch: it
+    then says so under ``interrupted`` and counts what was not processed, and the error goes on.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path, name in zip(files, names):
-        target = out / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        records.append(watermark_file(path, target, watermarker, bundle, key, explicit, checker=checker,
-                                      operating_point=operating_point, aside_path=out / "tampered" / name,
-                                      keyring=ring))
-        if on_done is not None:
-            on_done()
+    remove_stale_temporaries(out)
+    records: list[RunRecord] = []
+    interrupted = None
+    try:
+        for path, name in zip(files, names):
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            records.append(watermark_file(path, target, watermarker, bundle, key, explicit, checker=checker,
+                                          operating_point=operating_point, aside_path=out / "tampered" / name,
+                                          keyring=ring))
+            if on_done is not None:
+                on_done()
+    except BaseException as exc:
+        interrupted = _one_line(exc) if isinstance(exc, Exception) else type(exc).__name__
+        raise
+    finally:
+        report = _report(records, bundle, check_note, ring, interrupted, len(files))
+        write_bytes_atomic(out / "report.json", json.dumps(report, indent=1).encode())
+    return report, records
+
+
+def _report(records: list[RunRecord], bundle: Bundle, check_note: str, ring, interrupted: str | None,
+            total: int) -> dict:
     stages = sorted({k for r in records for k in r.latency_ms})
     report = {
         "bundle": bundle.manifest.name, "bundle_key_id": bundle.key_id,
@@ -257,8 +345,10 @@ def run_batch(files: list[Path], names: list[Path], out: Path, watermarker: Wate
         "latency_ms": {s: percentiles([r.latency_ms[s] for r in records if s in r.latency_ms]) for s in stages},
         "records": [r.to_dict() for r in records],
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return report, records
+    if interrupted is not None:
+        report["interrupted"] = interrupted
+        report["not_processed"] = total - len(records)
+    return report
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

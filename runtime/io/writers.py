@@ -1,8 +1,11 @@
 """Write medical images at native bit depth: DICOM, PNG, TIFF, JPEG, NPY.
 
 Layer: runtime (io). Writing chooses the format from the output suffix when it is a known image
-suffix, else the input's, and is atomic (temporary file in the same folder, then
-``os.replace``). JPEG is written at quality 100 without chroma subsampling: still lossy, so a
+suffix, else the input's, and is atomic (``atomic``: a temporary of ours in the same folder,
+flushed, given the umask's permissions, then renamed). A DICOM output that must be sealed is not
+written here: the job builds its dataset (``dicom_writer.build_derived_dataset``), seals it in
+memory and writes the bytes once (``pipeline``); ``output_format`` and ``checked_pixels`` are the
+checks both paths share. JPEG is written at quality 100 without chroma subsampling: still lossy, so a
 watermark may be weakened; write PNG, TIFF or DICOM where that matters. PNG cannot hold 16-bit
 colour through Pillow, so that case uses ``png16``.
 """
@@ -11,19 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from medsec_edge.runtime.io.dicom_writer import write_dicom
 from medsec_edge.runtime.errors import UsageError
-from medsec_edge.runtime.io.image import MedicalImage
-
+from medsec_edge.runtime.io.atomic import atomic_output
+from medsec_edge.runtime.io.dicom_writer import write_dicom
 from medsec_edge.runtime.io.formats import FORMAT_BY_SUFFIX
+from medsec_edge.runtime.io.image import MedicalImage
 from medsec_edge.runtime.io.png16 import png16_encode
 
-__all__ = ["write_image"]
+__all__ = ["checked_pixels", "output_format", "write_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,33 @@ def write_image(
     the format cannot hold these pixels.
     """
     out = Path(path)
+    fmt = output_format(image, out)
+    pixels = checked_pixels(image, pixels, out)
+    writer = {
+        "dicom": _write_dicom,
+        "png": _write_png,
+        "tiff": _write_tiff,
+        "jpeg": _write_jpeg,
+        "npy": _write_npy,
+    }[fmt]
+    with atomic_output(out) as fp:
+        writer(image, pixels, fp, record=record, description=description)
+    logger.debug("wrote %s for image %s", fmt, image.meta.image_id)
+    return out
+
+
+def output_format(image: MedicalImage, path: str | Path) -> str:
+    """The format written to ``path``: its suffix's when it is a known image suffix, else the input's."""
+    return FORMAT_BY_SUFFIX.get(Path(path).suffix.lower(), image.meta.source_format)
+
+
+def checked_pixels(image: MedicalImage, pixels: np.ndarray, path: str | Path) -> np.ndarray:
+    """``pixels`` cast to the image's dtype, once it is sure they can be written to ``path``.
+
+    Raises ``UsageError`` when the shape differs from the image's, the output would overwrite
+    the input, its folder does not exist, or the format cannot hold these pixels.
+    """
+    out = Path(path)
     pixels = np.asarray(pixels)
     if pixels.shape != image.pixels.shape:
         raise UsageError(
@@ -62,31 +91,8 @@ def write_image(
         )
     if not out.parent.is_dir():
         raise UsageError(f"output folder for {out.name} does not exist: create it first")
-
-    fmt = FORMAT_BY_SUFFIX.get(out.suffix.lower(), image.meta.source_format)
-    writer = {
-        "dicom": _write_dicom,
-        "png": _write_png,
-        "tiff": _write_tiff,
-        "jpeg": _write_jpeg,
-        "npy": _write_npy,
-    }[fmt]
-    _check_writable(fmt, image, pixels, out.name)
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)  # reopened by name: tifffile wants a file object with a real name
-    tmp = Path(tmp_name)
-    try:
-        with open(tmp, "wb") as fp:
-            writer(image, pixels, fp, record=record, description=description)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.debug("wrote %s for image %s", fmt, image.meta.image_id)
-    return out
+    _check_writable(output_format(image, out), image, pixels, out.name)
+    return pixels
 
 
 def _same_file(out: Path, source: Path) -> bool:
