@@ -33,4 +33,6 @@ def quiet_pydicom() -> None:
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_logger.propagate = False
     pydicom_logger.setLevel(logging.CRITICAL)
+    # tifffile's warnings quote tag values of the file (an ImageDescription can hold anything).
+    logging.getLogger("tifffile").propagate = False
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

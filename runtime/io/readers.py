@@ -157,6 +157,8 @@ def _detect_format(path: Path, data: bytes) -> str:
 
 
 def _check_size(pixels: np.ndarray, colour: bool) -> None:
+    if pixels.size == 0:
+        raise _Refused(f"image holds no pixels (array shape {pixels.shape})")
     frame = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
     if len(frame) < 2 or min(frame) < MIN_SIDE:
         raise _Refused(
@@ -240,42 +242,40 @@ def _functional(ds, sequence: str):
     return None
 
 
-class _QuietPydicom:
-    """Keeps pydicom's log records (any child logger's too) out of every handler while a read runs.
+_quiet_lock = threading.Lock()
+_quiet_depth: dict[str, int] = {}
+_quiet_saved: dict[str, bool] = {}
 
-    A filter on the ``pydicom`` logger does not see records of its children (``pydicom.pixels...``
-    log decoder errors with tracebacks), so propagation is switched off at ``pydicom`` instead;
-    a counter makes nested and concurrent reads restore it once, at the end of the last one.
+
+@contextlib.contextmanager
+def _quiet_log(name: str):
+    """Keep a library's log records (its child loggers' too) out of every handler while a read
+    runs: pydicom's and tifffile's quote element and tag values (possibly patient data), and
+    pydicom's decoders log errors with tracebacks.
+
+    A filter on the ``pydicom`` logger does not see records of its children
+    (``pydicom.pixels...``), so propagation is switched off at the top of the tree instead; a
+    counter makes nested and concurrent reads restore it once, at the end of the last one.
     """
-
-    _lock = threading.Lock()
-    _depth = 0
-    _saved = True
-
-    @classmethod
-    @contextlib.contextmanager
-    def active(cls):
-        logger_ = logging.getLogger("pydicom")
-        with cls._lock:
-            if cls._depth == 0:
-                cls._saved = logger_.propagate
-                logger_.propagate = False
-            cls._depth += 1
-        try:
-            yield
-        finally:
-            with cls._lock:
-                cls._depth -= 1
-                if cls._depth == 0:
-                    logger_.propagate = cls._saved
+    logger_ = logging.getLogger(name)
+    with _quiet_lock:
+        if _quiet_depth.get(name, 0) == 0:
+            _quiet_saved[name] = logger_.propagate
+            logger_.propagate = False
+        _quiet_depth[name] = _quiet_depth.get(name, 0) + 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth[name] -= 1
+            if _quiet_depth[name] == 0:
+                logger_.propagate = _quiet_saved.pop(name)
 
 
 def _quiet_pydicom_log():
-    """Silence pydicom's logger tree while we read: its messages can quote element values (PHI).
-
-    The same messages arrive as Python warnings, which the readers capture and inspect.
-    """
-    return _QuietPydicom.active()
+    """Silence pydicom's logger tree while we read (the same messages arrive as Python warnings,
+    which the readers capture and inspect)."""
+    return _quiet_log("pydicom")
 
 
 def _parse_dicom(data: bytes):
@@ -579,7 +579,8 @@ def _plain_meta(arr: np.ndarray, photometric: str, fmt: str, data: bytes) -> Ima
 def _read_tiff(path: Path, data: bytes, limits: ReadLimits) -> MedicalImage:
     import tifffile
 
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    with _quiet_log("tifffile"), warnings.catch_warnings(), tifffile.TiffFile(io.BytesIO(data)) as tif:
+        warnings.simplefilter("ignore")
         if not tif.series:
             raise _Refused("TIFF file holds no image")
         series = tif.series[0]
