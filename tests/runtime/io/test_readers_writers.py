@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from medsec_edge.runtime.io import png16
 from medsec_edge.runtime.io import writers
 from medsec_edge.runtime.io.dicom_writer import PRIVATE_CREATOR, PRIVATE_GROUP, read_record
+from medsec_edge.runtime.io.dicom_writer import _ENHANCED_MR_CLASSES, _MR_PULSE_SEQUENCE
 from medsec_edge.runtime.errors import InputError, UsageError
 from medsec_edge.runtime.io.image import MedicalImage, stored_range
 from medsec_edge.runtime.io.dicom_writer import identity_of
@@ -206,6 +208,9 @@ def assert_derived(src_path: Path, out_path: Path, record: dict, description: st
         changed |= COLOUR_CHANGED
     if src.file_meta.TransferSyntaxUID.is_compressed:
         changed |= {"IconImageSequence"}
+    if src.SOPClassUID in _ENHANCED_MR_CLASSES:
+        # The MR Pulse Sequence module is absent from a DERIVED Enhanced MR (dicom_writer says why).
+        changed |= set(_MR_PULSE_SEQUENCE)
     for elem in src:
         if elem.keyword in changed:
             continue
@@ -221,7 +226,12 @@ def assert_derived(src_path: Path, out_path: Path, record: dict, description: st
     )
     assert out.ImageType[0] == "DERIVED" and len(out.ImageType) >= 2
     assert description in out.DerivationDescription
-    (item,) = out.SourceImageSequence
+    # The source's own references are kept, ours is added last.
+    earlier = list(src.get("SourceImageSequence", []))
+    assert len(out.SourceImageSequence) == len(earlier) + 1
+    assert [i.ReferencedSOPInstanceUID for i in out.SourceImageSequence[:-1]] == [
+        i.ReferencedSOPInstanceUID for i in earlier]
+    item = out.SourceImageSequence[-1]
     assert item.ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert item.ReferencedSOPClassUID == src.SOPClassUID
     assert out.BitsStored == src.BitsStored
@@ -280,8 +290,8 @@ def test_identity_survives_repeated_writes(signed12, out_dir):
     }
     assert identity_of(image) == identity_of(first) == identity_of(second) == want
     assert read_record(second.dataset) == {"n": 2}
-    (source,) = second.dataset.SourceImageSequence
-    assert source.ReferencedSOPInstanceUID == first.dataset.SOPInstanceUID
+    refs = [i.ReferencedSOPInstanceUID for i in second.dataset.SourceImageSequence]
+    assert refs == [image.dataset.SOPInstanceUID, first.dataset.SOPInstanceUID]
     assert second.dataset.DerivationDescription.count("medsec-edge") == 2
 
 
@@ -693,3 +703,171 @@ def test_fuzzed_dicom_header_raises_only_input_error(tmp_path):
         else:
             assert image.pixels.ndim >= 2
 
+
+
+# --------------------------------------------------------------------------------------------
+# hostile headers: sizes checked before allocation, non-finite rescale, value-free messages
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_png16_bomb_refused_from_its_header_before_inflating(tmp_path):
+    import tracemalloc
+
+    width = height = 20000  # 2.4 GB of 16-bit RGB claimed by a ~2 MB file
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (width * 6 + 1)
+    idat = b"".join(comp.compress(row) for _ in range(2000)) + comp.flush()  # only 200 MB inflated
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"bomb.png: PNG header claims 2.2 GiB .*MEDSEC_EDGE_MAX_IMAGE_BYTES"):
+            read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The IDAT alone inflates to 240 MB; refusing from the IHDR takes no more than imports do.
+    assert peak < 64 * 2**20, f"{peak} bytes allocated before refusing"
+
+
+def test_png16_inflates_no_more_than_its_header_claims():
+    rgb = np.arange(64 * 64 * 3, dtype=np.uint16).reshape(64, 64, 3)
+    data = png16.png16_encode(rgb)
+    # Same IHDR, but an IDAT that inflates to 100x what 64x64 needs: decoded, the excess ignored.
+    row = b"\x00" + rgb.astype(">u2").tobytes()[: 64 * 6]
+    idat = zlib.compress(b"".join(row for _ in range(6400)))
+    bomb = data[:33] + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    out = png16.png16_decode(bomb)
+    assert out.shape == (64, 64, 3)
+    assert np.array_equal(out[1], rgb[0])
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"Rows": 65535, "Columns": 65535}, r"65535x65535 pixels per frame"),
+    ({"NumberOfFrames": "1000000"}, r"1000000 frames"),
+    ({"NumberOfFrames": "3"}, r"Pixel Data holds 32768 bytes, .* describes 98304"),
+])
+def test_dicom_header_sizes_checked_before_decoding(tmp_path, changes, reason):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    path = tmp_path / "claims.dcm"
+    ds.save_as(path)
+    with pytest.raises(InputError, match=reason) as info:
+        read_image(path)
+    assert info.value.exit_code == 4
+
+
+def test_compressed_dicom_claiming_a_huge_expansion_is_refused(tmp_path, monkeypatch):
+    ds = pydicom.dcmread(data_file("MR_small_RLE.dcm"))
+    ds.NumberOfFrames = "4000"  # 4000 x 64x64x2 = 32 MB from 6 KB of RLE data
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path)
+    with pytest.raises(InputError, match=r"rle.dcm: compressed DICOM Pixel Data claims .* 1024:1"):
+        read_image(path)
+    monkeypatch.setenv("MEDSEC_EDGE_MAX_FRAMES", "100")
+    with pytest.raises(InputError, match=r"4000 frames, more than the limit of 100 \(MEDSEC_EDGE_MAX_FRAMES\)"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("keyword, value, reason", [
+    ("RescaleSlope", "NaN", "RescaleSlope is not a finite number"),
+    ("RescaleSlope", "inf", "RescaleSlope is not a finite number"),
+    ("RescaleIntercept", "-inf", "RescaleIntercept is not a finite number"),
+    ("RescaleSlope", "1e308", r"map stored values beyond \+/-1e\+15"),
+])
+def test_non_finite_or_absurd_rescale_is_bad_input(tmp_path, keyword, value, reason):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    setattr(ds, keyword, value)
+    path = tmp_path / "rescale.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(path)
+    with pytest.raises(InputError, match=reason) as info:
+        read_image(path)
+    assert info.value.exit_code == 4 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("center, width", [("NaN", "400"), ("40", "inf"), ("1e300", "1e300")])
+def test_non_finite_window_is_ignored_not_refused(tmp_path, center, width):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = center, width
+    path = tmp_path / "window.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(path)
+    image = read_image(path)
+    assert image.meta.window is None  # the percentile window is used instead
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    ds.save_as(path)
+    assert read_image(path).meta.window == (40.0, 400.0)
+
+
+def test_random_bytes_after_dicm_are_bad_input(tmp_path):
+    from medsec_edge.runtime.io.readers import read_dataset
+
+    path = tmp_path / "random.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + np.random.default_rng(8).bytes(4000))
+    for read in (read_image, read_dataset):
+        with pytest.raises(InputError, match="random.dcm: not a DICOM object: no SOP Class UID") as info:
+            read(path)
+        assert info.value.exit_code == 4
+
+
+def test_refusals_never_quote_element_values(tmp_path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.PhotometricInterpretation = PATIENT_NAME.upper()
+    path = tmp_path / "photometric.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(path)
+    with pytest.raises(InputError) as info:
+        read_image(path)
+    assert "photometric interpretation" in str(info.value)
+    assert PATIENT_NAME.upper() not in str(info.value)
+
+
+def test_third_party_details_lose_quoted_values_and_keep_our_reason():
+    from medsec_edge.runtime.io.readers import _detail
+
+    long = ValueError("Invalid value for VR PN: 'Doe^Jane' " + "and more words " * 40)
+    detail = _detail(long)
+    assert "Doe^Jane" not in detail and detail.startswith("ValueError: Invalid value for VR PN: '...'")
+    assert len(detail) <= 204 and detail.endswith(" ...") and "\n" not in detail
+
+
+def test_pydicom_child_logger_records_stay_inside_a_read(caplog):
+    import logging
+
+    from medsec_edge.runtime.io.readers import _quiet_pydicom_log
+
+    child = logging.getLogger("pydicom.pixels.decoders.base")
+    with caplog.at_level(logging.DEBUG):
+        with _quiet_pydicom_log():
+            with _quiet_pydicom_log():  # nested reads restore once, at the end of the outer one
+                child.error("decoder failed for %s", PATIENT_NAME, exc_info=ValueError(PATIENT_NAME))
+            child.error("still inside: %s", PATIENT_ID)
+        assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
+        child.error("after the read")
+    assert "after the read" in caplog.text  # propagation restored
+
+
+def test_pydicom_warnings_during_a_read_do_not_escape(tmp_path, recwarn):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.add_new(0x00091010, "LO", "Doe^Jane")
+    path = tmp_path / "warns.dcm"
+    ds.save_as(path)
+    data = path.read_bytes()
+    # Retyped DS: an invalid value pydicom warns about while reading, quoting it.
+    path.write_bytes(data.replace(b"\x09\x00\x10\x10LO", b"\x09\x00\x10\x10DS"))
+    warnings.simplefilter("always")
+    try:
+        read_image(path)
+    except InputError:
+        pass
+    assert not [w for w in recwarn if "Doe^Jane" in str(w.message)]
