@@ -340,9 +340,14 @@ def fuzz(tmp: Path, n: int, single_per_command: int, batch: int, seed: int = SEE
         results = list(pool.map(lambda job: (job, _run_measured(job[1], env, tmp)), jobs))
 
     failures, cases, exits, worst_rss = [], collections.Counter(), collections.Counter(), 0
+    outcomes = collections.Counter()
     for (command, args, group), res in results:
         cases[command] += len(group)
         exits[f"{command}:{res['rc']}"] += 1
+        outcomes.update(f"{command}:{_outcome(command, row)}" for row in _json_lines(res["out"])
+                        if command in ("check", "extract", "verify") or "status" in row)
+        if command in ("embed", "seal", "encrypt"):
+            outcomes[f"{command}:exit {res['rc']}"] += 1
         worst_rss = max(worst_rss, res.get("rss_mb", 0))
         where = f"{command} on {group[0]}{'...' if len(group) > 1 else ''} ({made[group[0]]})"
         text = res["out"] + res["err"]
@@ -375,7 +380,21 @@ def fuzz(tmp: Path, n: int, single_per_command: int, batch: int, seed: int = SEE
             if value in text or value in report_text:
                 failures.append(f"{where}: patient data of a source file in the output")
     return {"cases": dict(cases), "exits": dict(sorted(exits.items())), "worst_rss_mb": worst_rss,
+            "outcomes": dict(sorted(outcomes.items())),
             "failures": failures, "invocations": len(results)}
+
+
+def _outcome(command: str, row: dict) -> str:
+    """What one input's row says: refused as bad input, or the command's verdict."""
+    if command == "run":
+        return row["status"]
+    if row.get("error"):
+        return "refused"
+    if command == "check":
+        return "tampered" if row.get("tampered") else "untouched"
+    if command == "extract":
+        return "found" if row.get("found") else "not found"
+    return "valid" if row.get("valid") else "not valid"
 
 
 def _check_run_outputs(out: Path, records: list[dict], where: str) -> list[str]:
@@ -394,14 +413,17 @@ def _check_run_outputs(out: Path, records: list[dict], where: str) -> list[str]:
 
 def _summary(result: dict) -> str:
     return (f"{result['invocations']} invocations, cases per command {result['cases']}, exit codes "
-            f"{result['exits']}, worst peak memory {result['worst_rss_mb']} MB")
+            f"per invocation {result['exits']}, rows {result['outcomes']}, worst peak memory "
+            f"{result['worst_rss_mb']} MB")
 
 
 def test_fuzz_every_image_command(tmp_path, capsys):
-    result = fuzz(tmp_path, n=320, single_per_command=14, batch=160)
+    result = fuzz(tmp_path, n=600, single_per_command=30, batch=200)
     with capsys.disabled():
         sys.stderr.write(f"\nfuzz: {_summary(result)}\n")
-    assert result["cases"]["check"] == 320 and result["cases"]["run"] == 320
+    assert result["cases"]["check"] == 600 and result["cases"]["run"] == 600
+    # The mutants are hostile enough to be refused, and mild enough to be processed too.
+    assert result["outcomes"].get("run:bad_input", 0) > 100 and result["outcomes"].get("run:ok", 0) > 100
     assert not result["failures"], "\n".join(result["failures"][:20])
 
 
