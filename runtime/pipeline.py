@@ -157,7 +157,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
         failure = exc
     image = state["image"]
     lat["total"] = (time.perf_counter() - t0) * 1e3
-    log.warning("image %s refused at %s: %s", image.meta.image_id if image is not None else "(unread)",
+    log.info("image %s refused at %s: %s", image.meta.image_id if image is not None else "(unread)",
                 state["stage"], type(failure).__name__)
     return RunRecord(
         image_id=image.meta.image_id if image is not None else "", input=str(path), output=None,
