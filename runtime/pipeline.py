@@ -197,14 +197,15 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
             )
     state["stage"] = "embed"
     payload, mode = payload_for(image, key, explicit)
+    kind = "user" if mode == "explicit" else "identity"  # a reader must never take --payload for an identity
     t1 = time.perf_counter()
-    embedded = watermarker.embed(image, payload)
+    embedded = watermarker.embed(image, payload, kind=kind)
     lat["embed"] = (time.perf_counter() - t1) * 1e3
     state["stage"] = "verify"
     t2 = time.perf_counter()
     check = watermarker.extract(replace(image, pixels=embedded.pixels))
     lat["verify"] = (time.perf_counter() - t2) * 1e3
-    ok = check.found and check.payload == payload.hex()
+    ok = check.found and check.payload == payload.hex() and check.payload_kind in (kind, None)
     record = {
         "kind": "medsec-edge watermark", "version": 1, "payload_mode": mode,
         "key_id": key.key_id if (key is not None and mode == "identity-hmac") else None,
