@@ -7,8 +7,10 @@ the target. A process killed at any moment (kill -9) leaves either nothing or th
 under the final name, plus at worst a temporary of ours, which ``remove_stale_temporaries``
 recognises by name and removes on the next start.
 
-Temporaries are named ``.medsec-<pid>-<random>.tmp``: hidden, with a suffix no image reader takes
-and a prefix no input of ours has, and the pid says whether the writer may still be alive.
+Temporaries are named ``.medsec-<host>-<pid>-<random>.tmp`` (host: a short hash of the host
+name): hidden, with a suffix no image reader takes and a prefix no input of ours has; host and
+pid say whether the writer may still be alive (a pid means nothing on another machine or in
+another container sharing the folder).
 ``mkstemp`` creates them 0600; a final file gets ``0o666 & ~umask`` like any file a program
 creates (a forwarder running as another user must be able to read it). Key files are written
 elsewhere and stay 0600.
@@ -17,9 +19,11 @@ elsewhere and stay 0600.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,6 +39,7 @@ __all__ = [
     "is_our_temporary",
     "output_mode",
     "remove_stale_temporaries",
+    "temporary_prefix",
     "write_bytes_atomic",
 ]
 
@@ -42,10 +47,19 @@ logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".medsec-"
 TEMP_SUFFIX = ".tmp"
-_TEMP_NAME = re.compile(r"\.medsec-(\d+)-[A-Za-z0-9_]+\.tmp")
+_TEMP_NAME = re.compile(r"\.medsec-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+\.tmp")
 # A temporary lives for the seconds one write takes; one this old is stale whoever made it
 # (its pid may have been reused by an unrelated process).
 STALE_AFTER_S = 24 * 3600
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def temporary_prefix(pid: int | None = None) -> str:
+    """How the names of this process's temporaries (or process ``pid``'s, on this host) begin."""
+    return f"{TEMP_PREFIX}{_host()}-{os.getpid() if pid is None else pid}-"
 
 
 def _umask() -> int:
@@ -105,7 +119,7 @@ def atomic_output(path: str | Path, source: str | Path | None = None) -> Iterato
         raise UsageError(f"output {path.name} is the input file: inputs are never modified, choose another path")
     if not path.parent.is_dir():
         raise UsageError(f"output folder for {path.name} does not exist: create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(), suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)  # reopened by name: some encoders (tifffile) want a file object with a real name
     try:
         with open(tmp_name, "wb") as fp:
@@ -133,7 +147,9 @@ def is_our_temporary(name: str) -> bool:
     return _TEMP_NAME.fullmatch(name) is not None
 
 
-def _writer_gone(pid: int) -> bool:
+def _writer_gone(host: str, pid: int) -> bool:
+    if host != _host():
+        return False  # another machine's or container's: only its age can tell
     if pid == os.getpid():
         return False
     try:
@@ -151,8 +167,8 @@ def remove_stale_temporaries(root: str | Path) -> int:
     """Remove temporaries of ours left under ``root`` by a killed writer; return how many.
 
     Only names ``atomic_output`` makes, only regular files (never through a link), and only when
-    the process that made them is gone or the file is a day old, so a second job writing to
-    the same folder keeps its work in progress.
+    the process that made them is gone (same host, pid not running) or the file is a day old,
+    so a second job writing to the same folder keeps its work in progress.
     """
     root = Path(root)
     if not root.is_dir():
@@ -171,7 +187,7 @@ def remove_stale_temporaries(root: str | Path) -> int:
                 continue
             if not (path.is_file() and not path.is_symlink()):
                 continue
-            if not (_writer_gone(int(match.group(1))) or now - st.st_mtime > STALE_AFTER_S):
+            if not (_writer_gone(match.group(1), int(match.group(2))) or now - st.st_mtime > STALE_AFTER_S):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 from medsec_edge.runtime.crypto.dicom_signature import verify_signatures
 from medsec_edge.runtime.crypto.keyset import RSA_CERT, KeyRing
 from medsec_edge.runtime.crypto.seal import verify_dataset
-from medsec_edge.runtime.io.atomic import is_our_temporary
+from medsec_edge.runtime.io.atomic import is_our_temporary, temporary_prefix
 from medsec_edge.runtime.pipeline import load_watermarker, run_batch, watermark_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,7 +213,7 @@ def test_stale_temporaries_of_ours_are_removed_on_start_and_others_kept(job, rin
     dead.wait()
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
-    ours = [out / f".medsec-{dead.pid}-k1.tmp", out / "sub" / f".medsec-{dead.pid}-k2.tmp"]
+    ours = [out / f"{temporary_prefix(dead.pid)}k1.tmp", out / "sub" / f"{temporary_prefix(dead.pid)}k2.tmp"]
     theirs = out / ".CT_small.dcm.x1y2.tmp"
     for path in (*ours, theirs):
         path.write_bytes(b"half")

@@ -20,6 +20,7 @@ from medsec_edge.runtime.io.atomic import (
     is_our_temporary,
     output_mode,
     remove_stale_temporaries,
+    temporary_prefix,
     write_bytes_atomic,
 )
 
@@ -60,8 +61,9 @@ def test_temporary_names_are_ours_and_cannot_be_an_input(tmp_path):
         name = Path(fp.name).name
         assert Path(fp.name).parent == tmp_path
     assert is_our_temporary(name) and name.startswith(".medsec-") and name.endswith(".tmp")
-    assert f"-{os.getpid()}-" in name
-    for other in (".x.dcm.abc123.tmp", "medsec-1-abc.tmp", ".medsec-1-abc.tmp.dcm", "x.dcm", ".medsec--abc.tmp"):
+    assert name.startswith(temporary_prefix()) and f"-{os.getpid()}-" in name
+    for other in (".x.dcm.abc123.tmp", "medsec-1-abc.tmp", ".medsec-0123abcd-1-abc.tmp.dcm", "x.dcm",
+                  ".medsec-1-abc.tmp", ".medsec-0123abcd--abc.tmp"):
         assert not is_our_temporary(other), other
 
 
@@ -91,18 +93,19 @@ def test_stale_temporaries_of_ours_are_removed_and_nothing_else(tmp_path):
     dead, alive = _dead_pid(), os.getppid()
     sub = tmp_path / "series"
     sub.mkdir()
-    stale = [tmp_path / f".medsec-{dead}-abc_12.tmp", sub / f".medsec-{dead}-zz9.tmp"]
-    old = tmp_path / f".medsec-{alive}-old.tmp"  # its pid lives (reused?) but it is a day old
-    in_progress = tmp_path / f".medsec-{alive}-busy.tmp"  # another job writing right now
+    stale = [tmp_path / f"{temporary_prefix(dead)}abc_12.tmp", sub / f"{temporary_prefix(dead)}zz9.tmp"]
+    old = tmp_path / f"{temporary_prefix(alive)}old.tmp"  # its pid lives (reused?) but it is a day old
+    in_progress = tmp_path / f"{temporary_prefix(alive)}busy.tmp"  # another job writing right now
+    elsewhere = tmp_path / f".medsec-{'f' * 8}-{dead}-x.tmp"  # another host's: its pid says nothing here
     theirs = [tmp_path / ".CT.dcm.k2j3.tmp", tmp_path / "medsec-1-x.tmp", tmp_path / "CT.dcm",
-              sub / f".medsec-{dead}-a.tmp.dcm"]
+              sub / f"{temporary_prefix(dead)}a.tmp.dcm", elsewhere]
     for path in [*stale, old, in_progress, *theirs]:
         path.write_bytes(b"x")
     past = time.time() - STALE_AFTER_S - 60
     os.utime(old, (past, past))
     outside = tmp_path.parent / f"{tmp_path.name}-outside.dcm"
     outside.write_bytes(b"an input elsewhere")
-    link = tmp_path / f".medsec-{dead}-link.tmp"
+    link = tmp_path / f"{temporary_prefix(dead)}link.tmp"
     link.symlink_to(outside)
 
     assert remove_stale_temporaries(tmp_path) == 3
