@@ -20,21 +20,24 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
 from medsec_edge.runtime.bundle import Bundle, open_bundle
+from medsec_edge.runtime.crypto.sealing import sealed_bytes
+from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
 from medsec_edge.runtime.errors import BundleError, MedsecError
-from medsec_edge.runtime.io.atomic import atomic_output, remove_stale_temporaries, write_bytes_atomic
+from medsec_edge.runtime.io.atomic import (
+    atomic_output,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+)
 from medsec_edge.runtime.io.dicom_writer import build_derived_dataset
 from medsec_edge.runtime.io.image import MedicalImage
 from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.runtime.io.writers import checked_pixels, output_format, write_image
-from medsec_edge.runtime.crypto.sealing import sealed_bytes
-from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
 from medsec_edge.runtime.tamper.checker import TamperChecker
 from medsec_edge.runtime.watermark.identity import payload_for
+from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 from medsec_edge.runtime.watermark.payload import PayloadCodec
 from medsec_edge.runtime.watermark.watermarker import Watermarker
-from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +161,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     image = state["image"]
     lat["total"] = (time.perf_counter() - t0) * 1e3
     log.info("image %s refused at %s: %s", image.meta.image_id if image is not None else "(unread)",
-                state["stage"], type(failure).__name__)
+             state["stage"], type(failure).__name__)
     return RunRecord(
         image_id=image.meta.image_id if image is not None else "", input=str(path), output=None,
         status="bad_input", reason=f"{state['stage']}: {_one_line(failure)}",
@@ -259,7 +262,10 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
         if reversible_to is None:
             ds = build_derived_dataset(image, pixels, record=record, description=_WATERMARK_DESCRIPTION)
         else:
-            from medsec_edge.runtime.crypto.reversible import build_reversible_dataset, record_for_image
+            from medsec_edge.runtime.crypto.reversible import (
+                build_reversible_dataset,
+                record_for_image,
+            )
 
             reversible = record_for_image(image, pixels, reversible_to)
             record["reversible"] = reversible.to_dict()  # sizes and key ids only
@@ -282,7 +288,10 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
     if reversible_to is None:
         written = write_image(image, pixels, out_path, record=record, description=_WATERMARK_DESCRIPTION)
     else:
-        from medsec_edge.runtime.crypto.reversible import record_for_image, write_reversible
+        from medsec_edge.runtime.crypto.reversible import (
+            record_for_image,
+            write_reversible,
+        )
 
         reversible = record_for_image(image, pixels, reversible_to)
         record["reversible"] = reversible.to_dict()  # sizes and key ids only
