@@ -34,5 +34,8 @@ def quiet_pydicom() -> None:
     pydicom_logger.propagate = False
     pydicom_logger.setLevel(logging.CRITICAL)
     # tifffile's warnings quote tag values of the file (an ImageDescription can hold anything).
-    logging.getLogger("tifffile").propagate = False
+    tifffile_logger = logging.getLogger("tifffile")
+    tifffile_logger.propagate = False
+    if not tifffile_logger.handlers:  # else logging.lastResort would print its records anyway
+        tifffile_logger.addHandler(logging.NullHandler())
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

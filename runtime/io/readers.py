@@ -259,6 +259,10 @@ def _quiet_log(name: str):
     """
     logger_ = logging.getLogger(name)
     with _quiet_lock:
+        if not any(isinstance(h, logging.NullHandler) for h in logger_.handlers):
+            # Without a handler of its own, a logger that does not propagate falls back to
+            # logging.lastResort, which prints to stderr: the opposite of what we want.
+            logger_.addHandler(logging.NullHandler())
         if _quiet_depth.get(name, 0) == 0:
             _quiet_saved[name] = logger_.propagate
             logger_.propagate = False
