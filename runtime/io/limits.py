@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 from medsec_edge.runtime.errors import ConfigError
 
-__all__ = ["ReadLimits", "read_limits", "ENV_PREFIX"]
+__all__ = ["ENV_PREFIX", "ReadLimits", "read_limits"]
 
 ENV_PREFIX = "MEDSEC_EDGE_"
 _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}

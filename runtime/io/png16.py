@@ -12,9 +12,7 @@ import struct
 import zlib
 
 import numpy as np
-
 from medsec_edge.runtime.io.limits import ReadLimits, read_limits
-
 
 # 16-bit colour PNG (Pillow reads it as 8-bit and cannot write it)
 

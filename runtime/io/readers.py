@@ -29,16 +29,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from medsec_edge.runtime.errors import InputError
-from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
-
 from medsec_edge.runtime.io.formats import FORMAT_BY_SUFFIX
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 from medsec_edge.runtime.io.inputs import read_input_bytes
 from medsec_edge.runtime.io.limits import ReadLimits, read_limits
 from medsec_edge.runtime.io.png16 import PngError, png16_decode
 
-__all__ = ["read_image", "read_dataset"]
+__all__ = ["read_dataset", "read_image"]
 
 logger = logging.getLogger(__name__)
 

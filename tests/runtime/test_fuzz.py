@@ -15,7 +15,6 @@ import io
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -28,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-
 from medsec_edge.runtime.io.png16 import png16_encode
+from pydicom.data import get_testdata_file
 
 CLI = [sys.executable, "-m", "medsec_edge.runtime.cli"]
 SEED = 20261204
@@ -311,7 +309,7 @@ def fuzz(tmp: Path, n: int, single_per_command: int, batch: int, seed: int = SEE
     home.mkdir()
     env = _env(home)
     keys = tmp / "keys"
-    assert subprocess.run(CLI + ["keys", "new", str(keys)], env=env, capture_output=True).returncode == 0
+    assert subprocess.run(CLI + ["keys", "new", str(keys)], check=False, env=env, capture_output=True).returncode == 0
     names = sorted(made)
     batches = [names[i : i + batch] for i in range(0, len(names), batch)]
     jobs = []
@@ -453,7 +451,7 @@ NAMED_INPUT_COMMANDS = {
 def device_keys(tmp_path_factory) -> Path:
     keys = tmp_path_factory.mktemp("fuzz-keys") / "keys"
     env = _env(keys.parent)
-    assert subprocess.run(CLI + ["keys", "new", str(keys)], env=env, capture_output=True).returncode == 0
+    assert subprocess.run(CLI + ["keys", "new", str(keys)], check=False, env=env, capture_output=True).returncode == 0
     return keys
 
 
@@ -467,7 +465,7 @@ def test_named_fifo_and_device_answered_at_once(tmp_path, command, device_keys):
     os.symlink("/dev/zero", tmp_path / "zero.dcm")
     for name in ("fifo.dcm", "zero.dcm"):
         args = NAMED_INPUT_COMMANDS[command](str(tmp_path / name), str(keys), str(tmp_path / f"out-{name}"))
-        proc = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(CLI + args, check=False, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 4, proc.stdout + proc.stderr
         assert "not a regular file" in proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from medsec_edge.runtime.errors import InputError
 from medsec_edge.runtime.io.inputs import collect_inputs, read_input_bytes
 from medsec_edge.runtime.io.limits import ReadLimits

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from medsec_edge.runtime.errors import ConfigError
 from medsec_edge.runtime.io.limits import ReadLimits, read_limits
 

@@ -15,19 +15,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from medsec_edge.runtime.errors import InputError, UsageError
+from medsec_edge.runtime.io import png16, writers
+from medsec_edge.runtime.io.dicom_writer import (
+    _ENHANCED_MR_CLASSES,
+    _MR_PULSE_SEQUENCE,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    identity_of,
+    read_record,
+)
+from medsec_edge.runtime.io.image import MedicalImage, stored_range
+from medsec_edge.runtime.io.readers import read_image
+from medsec_edge.runtime.io.writers import write_image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-
-from medsec_edge.runtime.io import png16
-from medsec_edge.runtime.io import writers
-from medsec_edge.runtime.io.dicom_writer import PRIVATE_CREATOR, PRIVATE_GROUP, read_record
-from medsec_edge.runtime.io.dicom_writer import _ENHANCED_MR_CLASSES, _MR_PULSE_SEQUENCE
-from medsec_edge.runtime.errors import InputError, UsageError
-from medsec_edge.runtime.io.image import MedicalImage, stored_range
-from medsec_edge.runtime.io.dicom_writer import identity_of
-from medsec_edge.runtime.io.readers import read_image
-from medsec_edge.runtime.io.writers import write_image
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-4711"
