@@ -74,7 +74,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
 from medsec_edge.runtime.crypto.keyset import DicomSigningKey
-from medsec_edge.runtime.errors import UsageError
+from medsec_edge.runtime.errors import InputError, UsageError
 
 __all__ = [
     "CERTIFICATE_TYPE",
@@ -366,8 +366,8 @@ def sign_dataset(
     if mac_algorithm not in MAC_ALGORITHMS:
         raise UsageError(f"MAC algorithm {mac_algorithm!r}: use one of {', '.join(MAC_ALGORITHMS)}")
     missing = [k for k in _CREATOR_REQUIRED if not ds.get(k)]
-    if missing:
-        raise UsageError(
+    if missing:  # the input's fault, not the caller's: bad input (exit 4)
+        raise InputError(
             f"the Creator RSA profile signs {', '.join(_CREATOR_REQUIRED)}; this dataset lacks "
             f"{', '.join(missing)}"
         )

@@ -363,12 +363,10 @@ class Binding:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> Binding:
-        return cls(
-            str(ds.get("StudyInstanceUID", "") or ""),
-            str(ds.get("SeriesInstanceUID", "") or ""),
-            str(ds.get("SOPInstanceUID", "") or ""),
-            header_digest(ds),
-        )
+        uids = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        if not all(uid.isascii() for uid in uids):
+            raise InputError("a Study, Series or SOP Instance UID holds non-ASCII bytes: not a valid DICOM UID")
+        return cls(*uids, header_digest(ds))
 
     def encode(self) -> bytes:
         return (

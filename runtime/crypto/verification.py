@@ -29,20 +29,10 @@ def short_id(uid: str) -> str:
 
 def read_dicom(path: Path):
     """The dataset of ``path``, or ``InputError`` (exit 4) if it is not a readable DICOM file."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    from medsec_edge.runtime.io.readers import read_dataset
 
-    from medsec_edge.runtime.errors import InputError
-
-    try:
-        ds = pydicom.dcmread(path)
-        for _elem in ds.iterall():  # dcmread is lazy: fail here on corrupt values
-            pass
-    except (OSError, InvalidDicomError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise InputError(f"{path.name}: not a readable DICOM file ({reason})") from None
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a corrupt file
-        raise InputError(f"{path.name}: corrupt DICOM file ({type(exc).__name__})") from None
+    # Only a regular file within the limits, its claimed pixel size checked before any decode.
+    ds = read_dataset(path, check_pixels=True)
     _check_readable(ds, path)
     return ds
 

@@ -21,7 +21,7 @@ from medsec_edge.runtime.crypto.dicom_signature import (
     sign_dataset,
     verify_signatures,
 )
-from medsec_edge.runtime.errors import UsageError
+from medsec_edge.runtime.errors import InputError, UsageError
 from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.runtime.io.writers import write_image
 from medsec_edge.runtime.crypto.seal import seal_dataset
@@ -257,7 +257,7 @@ def test_untrusted_expired_and_unsupported(ct_ds, crypto_keyset, tmp_path):
 def test_unsigned_required_uids_and_removal(ct_ds, crypto_keyset):
     assert verify_signatures(ct_ds).status == "unsigned"
     del ct_ds.SeriesInstanceUID
-    with pytest.raises(UsageError, match="SeriesInstanceUID"):
+    with pytest.raises(InputError, match="SeriesInstanceUID"):
         sign_dataset(ct_ds, crypto_keyset.dicom_signer)
     ct_ds.SeriesInstanceUID = pydicom.uid.generate_uid()
     sign_dataset(ct_ds, crypto_keyset.dicom_signer)
