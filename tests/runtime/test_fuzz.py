@@ -444,6 +444,9 @@ NAMED_INPUT_COMMANDS = {
     "embed": lambda f, keys, out: ["embed", "--keys", keys, f, out + ".dcm"],
     "verify": lambda f, keys, out: ["verify", "--json", "--keys", keys, f],
     "run": lambda f, keys, out: ["run", "--keys", keys, f, "--out", out],
+    "seal": lambda f, keys, out: ["seal", "--keys", keys, f, out + ".dcm"],
+    "encrypt": lambda f, keys, out: ["encrypt", "--to", keys, f, out + ".dcm"],
+    "decrypt": lambda f, keys, out: ["decrypt", "--keys", keys, f, out + ".dcm"],
 }
 
 

@@ -365,3 +365,16 @@ def test_restore_gives_back_the_original(tmp_path, runner, app, keys, other_keys
     result = _invoke(runner, app, "restore", ct, tmp_path / "none.dcm", "--keys", keys)
     assert result.exit_code == 4 and "no reversible record" in result.output
     assert not (tmp_path / "none.dcm").exists()
+
+
+def test_encrypt_refuses_a_non_ascii_uid_as_bad_input(tmp_path, runner, app, keys):
+    """Found by the fuzz test: a UID byte outside ASCII ended encrypt in a UnicodeEncodeError
+    traceback; it is bad input (exit 4) and nothing is written."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.StudyInstanceUID = "1.2.\xc03"
+    src = tmp_path / "uid.dcm"
+    ds.save_as(src)
+    out = tmp_path / "enc.dcm"
+    result = _invoke(runner, app, "encrypt", src, out, "--to", keys)
+    assert result.exit_code == 4 and not out.exists()
+    assert "non-ASCII" in result.output

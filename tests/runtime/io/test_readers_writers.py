@@ -844,11 +844,15 @@ def test_third_party_details_lose_quoted_values_and_keep_our_reason():
     assert len(detail) <= 204 and detail.endswith(" ...") and "\n" not in detail
 
 
-def test_pydicom_child_logger_records_stay_inside_a_read(caplog):
+def test_pydicom_child_logger_records_stay_inside_a_read(caplog, monkeypatch):
     import logging
 
     from medsec_edge.runtime.io.readers import _quiet_pydicom_log
 
+    # An in-process CLI test earlier in the session may have silenced the tree for good
+    # (cli/logs.py): start from the library's own state, so the check below can fail.
+    monkeypatch.setattr(logging.getLogger("pydicom"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("pydicom"), "level", logging.NOTSET)
     child = logging.getLogger("pydicom.pixels.decoders.base")
     with caplog.at_level(logging.DEBUG):
         with _quiet_pydicom_log():
