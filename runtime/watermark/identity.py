@@ -24,7 +24,7 @@ def payload_for(image: MedicalImage, key: WatermarkKey | None, explicit: bytes |
     if explicit is not None:
         return explicit, "explicit"
     if key is None:
-        raise MedsecError("no watermark key: pass --key or --payload")
+        raise MedsecError("no watermark key: pass --keys DIR (a key set with its watermark key) or --payload")
     return identity_payload(identity_of(image), key.secret, key.key_id), "identity-hmac"
 
 
