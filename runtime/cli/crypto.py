@@ -21,7 +21,6 @@ from medsec_edge.runtime.cli.options import JsonOpt, LegacyKeySetOpt, keys_optio
 from medsec_edge.runtime.cli.output import fail as _fail
 from medsec_edge.runtime.cli.output import json_line, progress, record, table
 from medsec_edge.runtime.crypto.verification import read_dicom as _read_dicom
-from medsec_edge.runtime.crypto.verification import short_id as _short_id
 from medsec_edge.runtime.crypto.verification import verify_file
 
 __all__ = ["register"]
@@ -146,54 +145,29 @@ def seal(
     """Seal (Ed25519 over pixels + identity) and sign (DICOM PS3.15 Creator RSA) one DICOM file.
 
     Earlier DICOM signatures of the file are replaced: our seal changes the data they signed."""
-    import io
-
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    from medsec_edge.runtime.crypto.dicom_signature import remove_signatures, sign_dataset
-    from medsec_edge.runtime.errors import InputError, MedsecError, UsageError
-    from medsec_edge.runtime.io.atomic import write_bytes_atomic
-    from medsec_edge.runtime.crypto.seal import seal_dataset
+    from medsec_edge.runtime.crypto.sealing import seal_file
+    from medsec_edge.runtime.errors import MedsecError, UsageError
 
     try:
         ring = load_ring(keys)
-        signer, dicom_signer = ring.signer, ring.dicom_signer
-        if signer is None or dicom_signer is None:
+        if ring.signer is None or ring.dicom_signer is None:
             raise UsageError(
                 f"the newest key set in {ring.newest.path} has no private seal or DICOM signature key: seal "
                 "with the key set made by 'keys new', not a public export"
             )
-        ds = _read_dicom(input)
-        meta = getattr(ds, "file_meta", None)
-        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        if syntax is None:
-            raise InputError(f"{input.name}: no transfer syntax in the file meta information")
-        if not syntax.is_little_endian:
-            raise InputError(
-                f"{input.name}: Explicit VR Big Endian (retired) cannot be signed as it is; "
-                "convert it first (dcmconv +te IN OUT)"
-            )
-        if syntax.is_implicit_VR:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        replaced = remove_signatures(ds)
-        seal_dataset(ds, signer)
-        signature_uid = sign_dataset(ds, dicom_signer)  # last: it signs the seal too
-        buf = io.BytesIO()
-        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(output, buf.getvalue(), input)
+        result = seal_file(input, ring, output)
     except MedsecError as exc:
         _fail(exc)
         return
     row = {
         "path": str(input),
         "output": str(output),
-        "image_id": _short_id(str(ds.get("SOPInstanceUID", "") or "")),
-        "seal_key_id": signer.key_id,
-        "dicom_key_id": dicom_signer.key_id,
-        "signature_uid": signature_uid,
-        "replaced_signatures": replaced,
+        "image_id": result.image_id,
+        "seal_key_id": result.seal_key_id,
+        "dicom_key_id": result.dicom_key_id,
+        "signature_uid": result.signature_uid,
+        "replaced_signatures": result.replaced_signatures,
     }
     _emit(row, as_json, "sealed and signed")
 

@@ -28,9 +28,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from medsec_edge.runtime.crypto.dicom_signature import remove_signatures, sign_dataset
 from medsec_edge.runtime.crypto.keyset import KeyRing
+from medsec_edge.runtime.crypto.verification import short_id
 from medsec_edge.runtime.crypto.seal import canonical_digest, part_digests, read_seal, seal_dataset
 from medsec_edge.runtime.errors import InputError, KeyFileError, UsageError
 from medsec_edge.runtime.io.atomic import write_bytes_atomic
+from medsec_edge.runtime.io.readers import read_dataset
 
 __all__ = ["SealResult", "seal_and_sign", "seal_file", "sealed_bytes"]
 
@@ -44,6 +46,8 @@ class SealResult:
     seal_key_id: str
     dicom_key_id: str
     signature_uid: str
+    replaced_signatures: int = 0  # earlier PS3.15 signatures removed (the seal changed what they signed)
+    image_id: str = ""  # short hash of the SOP Instance UID
 
 
 def _signers(ring: KeyRing):
@@ -80,9 +84,9 @@ def seal_and_sign(ds: Dataset, ring: KeyRing) -> SealResult:
     the data they signed). ``ds`` must declare Explicit VR Little Endian (our outputs do) or a
     compressed syntax, whose encapsulated pixels are signed as they are.
 
-    Raises ``KeyFileError`` if the ring cannot sign, ``UsageError`` if the Creator RSA profile
-    cannot sign ``ds`` (no SOP Class, SOP Instance, Study or Series Instance UID) and
-    ``InputError`` if its pixels cannot be decoded.
+    Raises ``KeyFileError`` if the ring cannot sign, and ``InputError`` if the Creator RSA profile
+    cannot sign ``ds`` (no SOP Class, SOP Instance, Study or Series Instance UID) or its pixels
+    cannot be decoded.
     """
     signer, dicom_signer = _signers(ring)
     meta = getattr(ds, "file_meta", None)
@@ -91,10 +95,11 @@ def seal_and_sign(ds: Dataset, ring: KeyRing) -> SealResult:
         raise UsageError("only an Explicit VR Little Endian dataset (or a compressed one) is sealed: "
                          "set its transfer syntax first")
     _as_written(ds)
-    remove_signatures(ds)
+    replaced = remove_signatures(ds)
     seal_dataset(ds, signer)
     signature_uid = sign_dataset(ds, dicom_signer)  # last: it signs the seal too
-    return SealResult(signer.key_id, dicom_signer.key_id, signature_uid)
+    image_id = short_id(str(ds.get("SOPInstanceUID", "") or ""))
+    return SealResult(signer.key_id, dicom_signer.key_id, signature_uid, replaced, image_id)
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -133,14 +138,12 @@ def seal_file(path: str | Path, ring: KeyRing, out: str | Path | None = None) ->
     """Seal and sign the DICOM file at ``path``, written atomically to ``out`` (default: in place).
 
     An Implicit VR file is written as Explicit VR Little Endian (the signature's encoding); a big
-    endian one is refused. Raises ``InputError`` if ``path`` is not a readable DICOM file.
+    endian one is refused. Raises ``InputError`` if ``path`` is not a readable DICOM file (read as
+    the image readers read: a regular file within the size limits).
     """
     path = Path(path)
     _signers(ring)  # before reading: a public-only ring fails first
-    try:
-        ds = pydicom.dcmread(path)
-    except (OSError, InvalidDicomError) as exc:
-        raise InputError(f"{path.name}: cannot read it as DICOM to seal it ({type(exc).__name__})") from None
+    ds = read_dataset(path, check_pixels=True)
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None:
