@@ -1,7 +1,7 @@
 """The cryptographic layer's commands: keys, seal, verify, encrypt, decrypt, restore.
 
 Layer: runtime (cli; the crypto modules are imported inside the command bodies). ``register``
-adds the commands to the main ``medsec-edge`` app (``cli/app.py``) or to any typer app (tests).
+adds the commands to the main ``medsec-edge`` app (``cli/root.py``) or to any typer app (tests).
 
 Exit codes as in DESIGN.md: 0 ok, 1 verification failed (invalid or unsigned seal, wrong key,
 changed data), 2 usage (and key files), 4 bad input file. Output names key ids and short image

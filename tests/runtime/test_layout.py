@@ -67,3 +67,17 @@ def test_capabilities_live_in_their_own_subpackages():
     assert top == ["__init__.py", "bundle.py", "errors.py", "pipeline.py"]
     for package in ("io", "watermark", "tamper", "crypto", "backends", "cli"):
         assert (RUNTIME / package / "__init__.py").is_file(), package
+
+
+def test_each_command_package_imports_first_in_a_fresh_interpreter():
+    """The workstation command modules build on cli.options; composing the app loads them through
+    the entry points. Importing one of them first must not meet a half-initialised module."""
+    import subprocess
+    import sys
+
+    for module in ("medsec_edge.train.commands", "medsec_edge.export.commands",
+                   "medsec_edge.evaluation.commands", "medsec_edge.runtime.cli"):
+        code = f"import {module} as m; m.register if hasattr(m, 'register') else m.app"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, f"{module}: {result.stderr[-2000:]}"

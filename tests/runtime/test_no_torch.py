@@ -25,7 +25,7 @@ import importlib, pkgutil
 import medsec_edge.runtime as runtime
 imported = []
 for info in pkgutil.walk_packages(runtime.__path__, prefix="medsec_edge.runtime."):
-    if info.name.endswith(".__main__"):  # runs the CLI; cli/app.py is what it imports
+    if info.name.endswith(".__main__"):  # runs the CLI; cli/root.py is what it imports
         continue
     importlib.import_module(info.name)
     imported.append(info.name)

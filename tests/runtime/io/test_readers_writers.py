@@ -844,24 +844,39 @@ def test_third_party_details_lose_quoted_values_and_keep_our_reason():
     assert len(detail) <= 204 and detail.endswith(" ...") and "\n" not in detail
 
 
-def test_pydicom_child_logger_records_stay_inside_a_read(caplog, monkeypatch):
+def test_pydicom_child_logger_records_stay_inside_a_read(monkeypatch):
     import logging
 
     from medsec_edge.runtime.io.readers import _quiet_pydicom_log
 
-    # An in-process CLI test earlier in the session may have silenced the tree for good
-    # (cli/logs.py): start from the library's own state, so the check below can fail.
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(self.format(record))
+
+    # What reaches the root logger's handlers is what a program's stderr would show. (pytest's
+    # caplog also hooks non-propagating loggers, so it cannot tell.) Start from the library's own
+    # state: an in-process CLI test earlier in the session may have silenced the tree for good.
+    root, collect = logging.getLogger(), Collect()
     monkeypatch.setattr(logging.getLogger("pydicom"), "propagate", True)
     monkeypatch.setattr(logging.getLogger("pydicom"), "level", logging.NOTSET)
-    child = logging.getLogger("pydicom.pixels.decoders.base")
-    with caplog.at_level(logging.DEBUG):
+    monkeypatch.setattr(root, "level", logging.DEBUG)
+    root.addHandler(collect)
+    try:
+        child = logging.getLogger("pydicom.pixels.decoders.base")
         with _quiet_pydicom_log():
             with _quiet_pydicom_log():  # nested reads restore once, at the end of the outer one
                 child.error("decoder failed for %s", PATIENT_NAME, exc_info=ValueError(PATIENT_NAME))
             child.error("still inside: %s", PATIENT_ID)
-        assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
+        text = "\n".join(collect.lines)
+        assert PATIENT_NAME not in text and PATIENT_ID not in text
         child.error("after the read")
-    assert "after the read" in caplog.text  # propagation restored
+    finally:
+        root.removeHandler(collect)
+    assert "after the read" in "\n".join(collect.lines)  # propagation restored
 
 
 def test_pydicom_warnings_during_a_read_do_not_escape(tmp_path, recwarn):
