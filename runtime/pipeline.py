@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
 from medsec_edge.runtime.bundle import Bundle, open_bundle
+from medsec_edge.runtime.crypto.reversible import build_reversible_dataset, record_for_image, write_reversible
 from medsec_edge.runtime.crypto.sealing import sealed_bytes
 from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
 from medsec_edge.runtime.errors import BundleError, MedsecError
@@ -262,11 +264,6 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
         if reversible_to is None:
             ds = build_derived_dataset(image, pixels, record=record, description=_WATERMARK_DESCRIPTION)
         else:
-            from medsec_edge.runtime.crypto.reversible import (
-                build_reversible_dataset,
-                record_for_image,
-            )
-
             reversible = record_for_image(image, pixels, reversible_to)
             record["reversible"] = reversible.to_dict()  # sizes and key ids only
             ds = build_reversible_dataset(image, pixels, reversible, watermark_record=record,
@@ -288,11 +285,6 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
     if reversible_to is None:
         written = write_image(image, pixels, out_path, record=record, description=_WATERMARK_DESCRIPTION)
     else:
-        from medsec_edge.runtime.crypto.reversible import (
-            record_for_image,
-            write_reversible,
-        )
-
         reversible = record_for_image(image, pixels, reversible_to)
         record["reversible"] = reversible.to_dict()  # sizes and key ids only
         written = write_reversible(image, pixels, out_path, reversible, watermark_record=record,
