@@ -436,8 +436,8 @@ def test_fuzz_ten_thousand(tmp_path, capsys):
     assert not result["failures"], "\n".join(result["failures"][:40])
 
 
-# Commands whose named input reaches our reader; seal and encrypt read their input in the crypto
-# layer (runtime/crypto/verification.read_dicom), which still opens it with pydicom directly.
+# Every command that reads a named input: the image commands through io.readers.read_image, the
+# crypto ones through io.readers.read_dataset (crypto/verification.read_dicom).
 NAMED_INPUT_COMMANDS = {
     "check": lambda f, keys, out: ["check", "--json", f],
     "extract": lambda f, keys, out: ["extract", "--json", f],
