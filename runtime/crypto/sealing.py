@@ -28,11 +28,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from medsec_edge.runtime.crypto.dicom_signature import remove_signatures, sign_dataset
 from medsec_edge.runtime.crypto.keyset import KeyRing
-from medsec_edge.runtime.crypto.verification import short_id
+from medsec_edge.runtime.crypto.verification import read_dicom, short_id
 from medsec_edge.runtime.crypto.seal import canonical_digest, part_digests, read_seal, seal_dataset
 from medsec_edge.runtime.errors import InputError, KeyFileError, UsageError
 from medsec_edge.runtime.io.atomic import write_bytes_atomic
-from medsec_edge.runtime.io.readers import read_dataset
 
 __all__ = ["SealResult", "seal_and_sign", "seal_file", "sealed_bytes"]
 
@@ -139,11 +138,11 @@ def seal_file(path: str | Path, ring: KeyRing, out: str | Path | None = None) ->
 
     An Implicit VR file is written as Explicit VR Little Endian (the signature's encoding); a big
     endian one is refused. Raises ``InputError`` if ``path`` is not a readable DICOM file (read as
-    the image readers read: a regular file within the size limits).
+    the image readers read: a regular file within the size limits, a known transfer syntax).
     """
     path = Path(path)
     _signers(ring)  # before reading: a public-only ring fails first
-    ds = read_dataset(path, check_pixels=True)
+    ds = read_dicom(path)  # as verify reads: also refuses an unknown transfer syntax
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None:

@@ -378,3 +378,16 @@ def test_encrypt_refuses_a_non_ascii_uid_as_bad_input(tmp_path, runner, app, key
     result = _invoke(runner, app, "encrypt", src, out, "--to", keys)
     assert result.exit_code == 4 and not out.exists()
     assert "non-ASCII" in result.output
+
+
+def test_seal_refuses_an_unknown_transfer_syntax_as_bad_input(tmp_path, runner, app, keys, ct):
+    """Found by the slow fuzz run: a Transfer Syntax UID that is no transfer syntax ended seal in a
+    ValueError traceback; it is bad input (exit 4) and nothing is written."""
+    ds = pydicom.dcmread(get_testdata_file("rtplan.dcm", download=False))  # no Pixel Data to decode
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    src = tmp_path / "ts.dcm"
+    ds.save_as(src, enforce_file_format=False)
+    out = tmp_path / "sealed.dcm"
+    result = _invoke(runner, app, "seal", src, out, "--keys", keys)
+    assert result.exit_code == 4 and not out.exists()
+    assert "transfer syntax" in result.output.lower()
