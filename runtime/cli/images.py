@@ -226,16 +226,22 @@ def check(
     as_json: bool = JsonOpt,
     key: Optional[Path] = LegacyWatermarkKeyOpt,
 ) -> None:
-    """Was the image manipulated, where, and how sure: blind CNN + watermark-aware local map.
+    """Was the image manipulated, where, and how sure. A valid seal (checked with the key set's
+    public keys) proves a DICOM image untouched at once; otherwise the blind CNN and the
+    watermark-aware local map decide. Each row names its `evidence` (seal or blind).
 
     Exit 1 if any image is flagged."""
     from medsec_edge.runtime.io.readers import read_image
+    from medsec_edge.runtime.crypto.device_keys import load_device_ring
     from medsec_edge.runtime.pipeline import load_checker
+    from medsec_edge.runtime.tamper.evidence import check_image
     from medsec_edge.runtime.tamper.report import check_row, write_mask_png
 
     try:
         files = _files(inputs)
-        checker = load_checker(bundle, key=watermark_key(keys, key, create=False), threads=threads)
+        ring = load_device_ring(keys, create=False)  # its seal keys verify; None: no seal check
+        wm_key = watermark_key(keys, key, create=False) if key is not None else getattr(ring, "watermark", None)
+        checker = load_checker(bundle, key=wm_key, threads=threads)
         checker.operating_point(operating_point)  # an unknown name fails before any work
     except MedsecError as exc:
         _fail(exc)
@@ -245,12 +251,12 @@ def check(
         for path in files:
             try:
                 image = read_image(path)
-                verdict = checker.check(image, operating_point)
+                verdict = check_image(image, checker, ring, operating_point)
                 row = check_row(path, image, verdict)
                 if verdict.tampered:
                     worst = max(worst, 1)
-                    if mask_dir is not None:
-                        row["mask"] = str(write_mask_png(verdict, mask_dir, path, image.meta.image_id))
+                    if mask_dir is not None and verdict.blind is not None:
+                        row["mask"] = str(write_mask_png(verdict.blind, mask_dir, path, image.meta.image_id))
             except MedsecError as exc:
                 row = {"path": str(path), "tampered": None, "error": str(exc)}
                 worst = max(worst, exc.exit_code)
@@ -269,7 +275,7 @@ def check(
                 boxes = "; ".join(f"{g['width']}x{g['height']} at {g['x']},{g['y']} frame {g['frame']}"
                                   for g in r.get("regions", [])[:3])
                 details.append(f"{name}: {', '.join(r.get('reasons') or [])}" + (f" ({boxes})" if boxes else ""))
-        table(None, shown, ["path", "tampered", "score", "watermark", "regions"], details=details)
+        table(None, shown, ["path", "tampered", "evidence", "score", "watermark", "regions"], details=details)
     if worst:
         raise typer.Exit(worst)
 

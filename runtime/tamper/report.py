@@ -17,14 +17,16 @@ import numpy as np
 from medsec_edge.runtime.errors import UsageError
 from medsec_edge.runtime.io.image import MedicalImage
 from medsec_edge.runtime.tamper.checker import TamperVerdict
+from medsec_edge.runtime.tamper.evidence import CheckVerdict
 
 # Enough names for every input of a batch that shares an image id and a path hash; past it a
 # folder is being filled by something else, and refusing beats looping.
 MAX_NAME_TRIES = 1000
 
 
-def check_row(path: Path, image: MedicalImage, verdict: TamperVerdict) -> dict:
-    """One JSON-ready object: path, image_id, tampered, score, operating_point, watermark, regions."""
+def check_row(path: Path, image: MedicalImage, verdict: TamperVerdict | CheckVerdict) -> dict:
+    """One JSON-ready object: path, image_id, tampered, score, operating_point, watermark, regions
+    (and, for a ``CheckVerdict``, the evidence that decided and the seal's finding)."""
     row = {"path": str(path), "image_id": image.meta.image_id}
     row.update(verdict.to_dict())
     row["latency_ms"] = round(verdict.timings_ms.get("total_ms", 0.0), 2)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -25,8 +26,8 @@ from tests.runtime.cli.helpers import run_report
 from tests.tamper_fixtures import *  # noqa: F401,F403 - fixtures
 
 SAMPLES = REPO / "samples"
-ROW_KEYS = {"path", "image_id", "tampered", "score", "operating_point", "watermark", "payload_kind",
-            "watermark_deficit", "reasons", "regions", "latency_ms"}
+ROW_KEYS = {"path", "image_id", "tampered", "evidence", "seal", "score", "operating_point", "watermark",
+            "payload_kind", "watermark_deficit", "reasons", "regions", "latency_ms"}
 
 
 @pytest.fixture
@@ -176,10 +177,23 @@ def test_run_checks_then_watermarks_and_reports(cli, tamper_env, tmp_path):
     text = (out / "report.json").read_text()
     for value in _phi(SAMPLES):
         assert value not in text
-    # what run wrote is watermarked: the check now finds the watermark, and its own
+    # what run wrote is sealed: the check's seal fast path says untouched without the detector
     res = cli("check", out / "CT_small.dcm", "--json", "--bundle", tamper_env.lenient)
     assert res.exit_code == 0, res.output
-    assert _rows(res)[0]["watermark"] == "present"
+    row = _rows(res)[0]
+    assert row["evidence"] == "seal" and row["tampered"] is False and row["seal"]["status"] == "valid"
+    assert row["score"] is None and row["watermark"] is None  # nothing else ran
+    # one changed pixel breaks the seal: the blind detector decides, labelled, and it finds the
+    # watermark run embedded; the broken seal is among the reasons
+    ds = pydicom.dcmread(out / "CT_small.dcm")
+    pixels = ds.pixel_array.copy()
+    pixels[5, 5] += 1
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "edited.dcm")
+    res = cli("check", tmp_path / "edited.dcm", "--json", "--bundle", tamper_env.lenient)
+    row = _rows(res)[0]
+    assert row["evidence"] == "blind" and row["seal"]["status"] == "invalid" and row["seal"]["changed"] == ["pixels"]
+    assert row["watermark"] == "present" and any(r.startswith("seal broken (pixels") for r in row["reasons"])
 
 
 def test_run_with_the_calibrated_bundle_reports_every_verdict(cli, tamper_env, tmp_path):
