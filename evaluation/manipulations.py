@@ -11,6 +11,12 @@ Interface: ``fn(frame, rng, *, value_range) -> Manipulation`` (``splice`` also t
 - ``value_range`` is the stored range ``(lo, hi)`` (``stored_range(meta, dtype)``); manipulated
   pixels are rounded (integer dtypes) and clipped to it.
 
+``size`` (keyword, optional, every family): the side in pixels of the edit's bounding square (a
+disc's diameter, a patch's side, an ellipse's major axis; its minor axis is drawn in 0.75-1x of
+that), instead of the family's own draw; the random draws are the same either way, so without
+``size`` every seeded result is unchanged (training data included). A size the frame cannot hold
+raises :class:`UsageError`.
+
 Every manipulation writes only where its (feathered) alpha is above zero and ``mask`` is exactly
 that set, so pixels outside ``mask`` are bit-identical to the input. Sites are drawn only where the
 frame has texture (local std above a low percentile) and is away from its minimum/maximum values
@@ -106,6 +112,17 @@ def _pick_site(valid: np.ndarray, margin: int, rng: np.random.Generator, what: s
     return cy, cx
 
 
+def _sized(drawn: float, size: float | None, shape: tuple[int, int], what: str) -> float:
+    """The family's own draw, or ``size`` when given (refused when the frame cannot hold it)."""
+    if size is None:
+        return drawn
+    size = float(size)
+    if not 4.0 <= size <= min(shape) / 2.0:
+        raise UsageError(f"{what}: size {size:g} px needs 4 <= size <= half the frame's shorter side "
+                         f"({min(shape) // 2} px here)")
+    return size
+
+
 def _box(cy: int, cx: int, ext: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     h, w = shape
     return max(cy - ext, 0), min(cy + ext + 1, h), max(cx - ext, 0), min(cx + ext + 1, w)
@@ -187,11 +204,12 @@ def _finish(
 # --- manipulations ---------------------------------------------------------------------------
 
 
-def inject_lesion(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
-    """Add a solid or ground-glass blob (diameter 4-30 px, soft edge) with matched noise texture."""
+def inject_lesion(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float],
+                  size: float | None = None) -> Manipulation:
+    """Add a solid or ground-glass blob (diameter 4-30 px, or ``size``; soft edge) with matched noise texture."""
     f = _check(frame, value_range)
     valid = _valid_sites(f, value_range)
-    diameter = float(rng.uniform(4.0, 30.0))
+    diameter = _sized(float(rng.uniform(4.0, 30.0)), size, f.shape, "inject_lesion")
     radius = diameter / 2.0
     ext = int(math.ceil(radius)) + 1
     cy, cx = _pick_site(valid, ext, rng, "inject_lesion")
@@ -216,11 +234,12 @@ def inject_lesion(frame: np.ndarray, rng: np.random.Generator, *, value_range: t
     return _finish(frame, f, box, alpha, new_box, value_range, "inject_lesion")
 
 
-def remove_lesion(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
-    """Inpaint a disc (diameter 6-30 px) by diffusion from the ring around it, plus matched noise."""
+def remove_lesion(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float],
+                  size: float | None = None) -> Manipulation:
+    """Inpaint a disc (diameter 6-30 px, or ``size``) by diffusion from the ring around it, plus matched noise."""
     f = _check(frame, value_range)
     valid = _valid_sites(f, value_range)
-    diameter = float(rng.uniform(6.0, 30.0))
+    diameter = _sized(float(rng.uniform(6.0, 30.0)), size, f.shape, "remove_lesion")
     radius = diameter / 2.0
     ext = int(math.ceil(radius)) + 2
     cy, cx = _pick_site(valid, ext, rng, "remove_lesion")
@@ -261,6 +280,7 @@ def copy_move(
     *,
     value_range: tuple[float, float],
     neighbour: np.ndarray | None = None,
+    size: float | None = None,
 ) -> Manipulation:
     """Copy a patch (16-64 px) elsewhere in the frame, optionally rotated/scaled, feathered.
 
@@ -272,7 +292,7 @@ def copy_move(
         raise UsageError(f"copy_move neighbour must have the frame's shape {f.shape}, got {np.shape(neighbour)}")
     source = f if neighbour is None else np.asarray(neighbour, dtype=np.float64)
     valid = _valid_sites(f, value_range)
-    s = _patch_size(f.shape, rng, "copy_move")
+    s = int(round(_sized(_patch_size(f.shape, rng, "copy_move"), size, f.shape, "copy_move")))
     angle = float(rng.uniform(-15.0, 15.0)) if rng.random() < 0.5 else 0.0
     scale = float(rng.uniform(0.8, 1.2)) if rng.random() < 0.5 else 1.0
     # The source read extent (rotated and scaled square) so source and paste never overlap.
@@ -299,6 +319,7 @@ def splice(
     *,
     value_range: tuple[float, float],
     donor: np.ndarray | None = None,
+    size: float | None = None,
 ) -> Manipulation:
     """Paste a patch (16-64 px) of a different frame, mean/std matched to the target site, feathered."""
     f = _check(frame, value_range)
@@ -309,7 +330,7 @@ def splice(
         raise UsageError(f"splice donor must be one grey frame (H, W), got shape {d.shape}")
     d = d.astype(np.float64)
     valid = _valid_sites(f, value_range)
-    s = min(_patch_size(f.shape, rng, "splice"), min(d.shape) // 2)
+    s = min(int(round(_sized(_patch_size(f.shape, rng, "splice"), size, f.shape, "splice"))), min(d.shape) // 2)
     if s < 16:
         raise UsageError(f"splice: donor {d.shape[0]}x{d.shape[1]} is too small for a 16 px patch")
     half = s // 2 + 1
@@ -324,9 +345,14 @@ def splice(
     return _paste(frame, f, matched, cy, cx, value_range, "splice")
 
 
-def _ellipse_site(f, valid, rng, what: str):
+def _ellipse_site(f, valid, rng, what: str, size: float | None = None):
     a = float(rng.uniform(4.0, 32.0))
-    b = float(rng.uniform(max(4.0, a / 2.0), min(32.0, a * 2.0)))
+    b_lo, b_hi = max(4.0, a / 2.0), min(32.0, a * 2.0)
+    b = float(rng.uniform(b_lo, b_hi))
+    if size is not None:  # major axis = size, minor 0.75-1x of it (same draws, rescaled)
+        frac = (b - b_lo) / (b_hi - b_lo) if b_hi > b_lo else 1.0
+        a = _sized(a, size, f.shape, what) / 2.0
+        b = a * (0.75 + 0.25 * frac)
     theta = float(rng.uniform(0.0, math.pi))
     ext = int(math.ceil(max(a, b))) + 1
     cy, cx = _pick_site(valid, ext, rng, what)
@@ -336,11 +362,12 @@ def _ellipse_site(f, valid, rng, what: str):
     return cy, cx, ext, box, alpha
 
 
-def local_contrast(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
+def local_contrast(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float],
+                   size: float | None = None) -> Manipulation:
     """Scale the deviation from the local mean by 0.6-1.6, or add an offset, inside an ellipse."""
     f = _check(frame, value_range)
     valid = _valid_sites(f, value_range)
-    cy, cx, ext, box, alpha = _ellipse_site(f, valid, rng, "local_contrast")
+    cy, cx, ext, box, alpha = _ellipse_site(f, valid, rng, "local_contrast", size)
     region = f[box[0] : box[1], box[2] : box[3]]
     if rng.random() < 0.5:
         k = float(rng.uniform(0.6, 0.85)) if rng.random() < 0.5 else float(rng.uniform(1.2, 1.6))
@@ -360,11 +387,12 @@ def _filtered_box(f, cy, cx, ext, box, fn, margin: int) -> np.ndarray:
     return out[box[0] - pad[0] : box[1] - pad[0], box[2] - pad[2] : box[3] - pad[2]]
 
 
-def local_blur(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
+def local_blur(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float],
+               size: float | None = None) -> Manipulation:
     """Gaussian blur (sigma 1-3 px) inside a feathered ellipse."""
     f = _check(frame, value_range)
     valid = _valid_sites(f, value_range)
-    cy, cx, ext, box, alpha = _ellipse_site(f, valid, rng, "local_blur")
+    cy, cx, ext, box, alpha = _ellipse_site(f, valid, rng, "local_blur", size)
     sigma = float(rng.uniform(1.0, 3.0))
     new_box = _filtered_box(
         f, cy, cx, ext, box, lambda r: ndimage.gaussian_filter(r, sigma, mode="reflect"), int(4 * sigma) + 1
@@ -372,11 +400,12 @@ def local_blur(frame: np.ndarray, rng: np.random.Generator, *, value_range: tupl
     return _finish(frame, f, box, alpha, new_box, value_range, "local_blur")
 
 
-def local_sharpen(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
+def local_sharpen(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float],
+                  size: float | None = None) -> Manipulation:
     """Unsharp mask (sigma 1-3 px, amount 0.5-1.5) inside a feathered ellipse."""
     f = _check(frame, value_range)
     valid = _valid_sites(f, value_range)
-    cy, cx, ext, box, alpha = _ellipse_site(f, valid, rng, "local_sharpen")
+    cy, cx, ext, box, alpha = _ellipse_site(f, valid, rng, "local_sharpen", size)
     sigma = float(rng.uniform(1.0, 3.0))
     amount = float(rng.uniform(0.5, 1.5))
 
@@ -387,14 +416,15 @@ def local_sharpen(frame: np.ndarray, rng: np.random.Generator, *, value_range: t
     return _finish(frame, f, box, alpha, new_box, value_range, "local_sharpen")
 
 
-def grow_structure(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float]) -> Manipulation:
+def grow_structure(frame: np.ndarray, rng: np.random.Generator, *, value_range: tuple[float, float],
+                   size: float | None = None) -> Manipulation:
     """Grow a structure locally: grey dilation (bright ones) or erosion (dark ones), 3-7 px,
     inside a feathered ellipse placed on an edge, so a vessel, nodule or bone edge gets bigger."""
     f = _check(frame, value_range)
     valid = _valid_sites(f, value_range)
     grad = ndimage.gaussian_gradient_magnitude(f, 1.5, mode="reflect")
     edges = valid & (grad >= np.percentile(grad[valid], 75.0)) if valid.any() else valid
-    cy, cx, ext, box, alpha = _ellipse_site(f, edges if edges.any() else valid, rng, "grow_structure")
+    cy, cx, ext, box, alpha = _ellipse_site(f, edges if edges.any() else valid, rng, "grow_structure", size)
     size = int(rng.choice([3, 5, 7]))
     op = ndimage.grey_dilation if rng.random() < 0.5 else ndimage.grey_erosion
     new_box = _filtered_box(f, cy, cx, ext, box, lambda r: op(r, size=(size, size)), size)
@@ -421,17 +451,20 @@ def manipulate(
     value_range: tuple[float, float],
     donor: np.ndarray | None = None,
     neighbour: np.ndarray | None = None,
+    size: float | None = None,
 ) -> Manipulation:
     """Apply the manipulation named ``kind`` (a key of :data:`MANIPULATIONS`).
 
     ``donor`` is the other image ``splice`` takes from; ``neighbour`` the adjacent frame
-    ``copy_move`` may take from (ignored by the other kinds).
+    ``copy_move`` may take from (ignored by the other kinds); ``size`` the edit's side in pixels
+    instead of the family's own draw (see the module docstring).
     """
     fn = MANIPULATIONS.get(kind)
     if fn is None:
         raise UsageError(f"unknown manipulation {kind!r}: expected one of {', '.join(MANIPULATIONS)}")
+    sized = {} if size is None else {"size": size}
     if kind == "splice":
-        return fn(frame, rng, value_range=value_range, donor=donor)
+        return fn(frame, rng, value_range=value_range, donor=donor, **sized)
     if kind == "copy_move":
-        return fn(frame, rng, value_range=value_range, neighbour=neighbour)
-    return fn(frame, rng, value_range=value_range)
+        return fn(frame, rng, value_range=value_range, neighbour=neighbour, **sized)
+    return fn(frame, rng, value_range=value_range, **sized)
