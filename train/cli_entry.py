@@ -1,7 +1,8 @@
 """Argument parsing for the training recipes, shared by `medsec-edge train watermark|tamper`.
 
 ``python -m medsec_edge.train --out DIR`` trains the watermark; with ``--recipe tamper`` the blind
-tamper detector. The exact command is stored in the checkpoint and from there in the bundle.
+tamper detector, with ``--recipe fingerprint`` the learned content fingerprint's encoder. The
+exact command is stored in the checkpoint and from there in the bundle.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ def main(argv: list[str] | None = None) -> None:
     if "--recipe" in argv:
         i = argv.index("--recipe")
         recipe = argv[i + 1] if i + 1 < len(argv) else ""
-    if recipe == "tamper":
+    if recipe == "fingerprint":
+        from medsec_edge.train.fingerprint_trainer import (FingerprintConfig as Config,
+                                                           FingerprintTrainer as Trainer)
+    elif recipe == "tamper":
         from medsec_edge.train.tamper_trainer import TamperConfig as Config, TamperTrainer as Trainer
     elif recipe == "watermark":
         from medsec_edge.train.watermark_trainer import TrainConfig as Config, WatermarkTrainer as Trainer
     else:
-        raise SystemExit(f"unknown --recipe {recipe!r}: expected watermark or tamper")
+        raise SystemExit(f"unknown --recipe {recipe!r}: expected watermark, tamper or fingerprint")
     parser = argparse.ArgumentParser(prog="python -m medsec_edge.train")
-    parser.add_argument("--recipe", choices=("watermark", "tamper"), default="watermark")
+    parser.add_argument("--recipe", choices=("watermark", "tamper", "fingerprint"), default="watermark")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--until", type=int, default=None, help="stop at this step (the schedule still spans --steps)")
     for f in fields(Config):

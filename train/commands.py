@@ -20,12 +20,14 @@ NEEDS = ("torch",)  # the 'train' extra; checked before any work, so a missing o
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``train`` group (watermark, tamper, cipher) to ``app``."""
+    """Add the ``train`` group (watermark, tamper, fingerprint, cipher) to ``app``."""
     train_app = group("Train models (needs the 'train' extra).",
                       "medsec-edge train watermark --out runs/watermark --steps 3600")
     command(train_app, train_watermark, "medsec-edge train watermark --out runs/watermark --until 100",
             "watermark")
     command(train_app, train_tamper, "medsec-edge train tamper --out runs/tamper", "tamper")
+    command(train_app, train_fingerprint, "medsec-edge train fingerprint --out runs/fingerprint",
+            "fingerprint")
     command(train_app, train_cipher, "medsec-edge train cipher --out runs/cipher --steps 2500", "cipher")
     app.add_typer(train_app, name="train")
 
@@ -64,6 +66,20 @@ def train_tamper(
     """Train the blind tamper detector (resumes from the run folder's checkpoint)."""
     _train(["--recipe", "tamper", "--out", str(out), "--steps", str(steps), "--seed", str(seed),
             "--batch", str(batch), "--width", str(width)], until)
+
+
+def train_fingerprint(
+    out: Path = typer.Option(Path("runs/fingerprint"), "--out", help="Run folder: caches, checkpoints, history."),
+    steps: int = typer.Option(16000, "--steps"),
+    until: Optional[int] = typer.Option(None, "--until", help="Stop at this step (the schedule still spans --steps)."),
+    seed: int = typer.Option(9091, "--seed"),
+    batch: int = typer.Option(32, "--batch"),
+    width: int = typer.Option(32, "--width"),
+    dims: int = typer.Option(4, "--dims", help="Code dimensions per 16 px cell."),
+) -> None:
+    """Train the learned content fingerprint's encoder (resumes from the run folder's checkpoint)."""
+    _train(["--recipe", "fingerprint", "--out", str(out), "--steps", str(steps), "--seed", str(seed),
+            "--batch", str(batch), "--width", str(width), "--dims", str(dims)], until)
 
 
 def train_cipher(

@@ -1,0 +1,63 @@
+"""The learned content fingerprint's encoder (issue 9): one grey display frame -> a small code per
+16 px cell.
+
+Layer: train (torch). Fully convolutional, stride 16: input (B, 1, H, W) display values / 255 with
+H and W multiples of 16 (the runtime pads by edge replication), output (B, DIMS, H/16, W/16) in
+code units: the runtime rounds them to int8 (one unit = one quantisation step), so the training
+adds uniform noise of one step to the recorded side.
+
+Two branches are summed:
+
+- a fixed linear prior: the four 8 x 8 box means of the cell (pixel-unshuffled), mapped by a
+  learned 1 x 1 convolution initialised to 200 * (mean - 0.5), i.e. 0.78 code units per display
+  level; at initialisation the code is the cell's 2 x 2 sub-means, the non-learned fingerprint at
+  box weights;
+- a four-layer strided CNN (3 x 3 kernels, stride 2 each; receptive field 31 px, a 16 px cell and
+  about 8 px around it), whose 1 x 1 head starts near zero and learns what to add.
+
+About 25k parameters; ~40 M multiply-adds at 512 x 512.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CELL = 16
+DIMS = 4
+PRIOR_GAIN = 200.0
+
+
+class FingerprintNet(nn.Module):
+    cell = CELL
+
+    def __init__(self, dims: int = DIMS, width: int = 32):
+        super().__init__()
+        self.dims, self.width = int(dims), int(width)
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(16, width, 3, stride=2, padding=1)
+        self.c4 = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(width, self.dims, 1)
+        self.prior = nn.Conv2d(4, self.dims, 1)
+        with torch.no_grad():
+            self.head.weight.mul_(0.05)
+            self.head.bias.zero_()
+            w = torch.zeros(self.dims, 4, 1, 1)
+            for i in range(min(4, self.dims)):
+                w[i, i] = PRIOR_GAIN
+            self.prior.weight.copy_(w)
+            self.prior.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = F.pixel_unshuffle(F.avg_pool2d(x, 8), 2) - 0.5  # (B, 4, H/16, W/16)
+        h = F.relu(self.c1(x))
+        h = F.relu(self.c2(h))
+        h = F.relu(self.c3(h))
+        h = F.relu(self.c4(h))
+        return self.prior(sub) + self.head(h)
+
+
+def n_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
