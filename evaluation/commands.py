@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
                      "medsec-edge eval watermark --pydicom-data --trials 2")
     command(eval_app, eval_watermark, "medsec-edge eval watermark --images held-out/ --trials 2",
             "watermark")
-    command(eval_app, eval_tamper, "medsec-edge eval tamper --pydicom-data --trials 3", "tamper")
+    command(eval_app, eval_tamper, "medsec-edge eval tamper --pydicom-data --out runs/eval-tamper", "tamper")
     command(eval_app, eval_crypto,
             "medsec-edge eval crypto --pydicom-data --cipher docs/crypto/cnn_cipher.pt", "crypto")
     app.add_typer(eval_app, name="eval")
@@ -75,25 +75,36 @@ def eval_watermark(
 def eval_tamper(
     images: list[Path] = typer.Option([], "--images", help="Folders or files of held-out images."),
     pydicom_data: bool = typer.Option(False, "--pydicom-data", help="Add the held-out images of the pydicom-data package."),
-    out: Path = typer.Option(Path("runs/eval-tamper"), "--out", help="Where to write JSON, markdown and the plot."),
-    trials: int = typer.Option(3, "--trials", help="Draws per manipulation family and image."),
-    benign_trials: int = typer.Option(3, "--benign-trials", help="Draws per benign step and image."),
-    watermark: bool = typer.Option(True, "--watermark/--no-watermark", help="Also score the watermark-aware check."),
+    out: Path = typer.Option(Path("runs/eval-tamper"), "--out", help="Where to write JSON, markdown and the plots."),
+    settings: str = typer.Option(
+        "header_kept,header_stripped,never_protected", "--settings",
+        help="Comma-separated: header_kept (PACS path), header_stripped (display exports), never_protected (blind)."),
+    quick: bool = typer.Option(False, "--quick", help="A small run (CI): fewer sizes, draws and exports."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Never protected: draws per manipulation family and image (default 3, quick 1)."),
+    benign_trials: Optional[int] = typer.Option(None, "--benign-trials", help="Never protected: draws per benign step and image (default 3, quick 1)."),
+    watermark: bool = typer.Option(True, "--watermark/--no-watermark", help="Never protected: also score the watermark-aware check on marked frames."),
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Detection (AUC, TPR at FPR 1%/0.1%, per family and size), localization, benign FPR, study FPR,
-    latency; a hash and a noise-residual baseline beside; the watermark-aware check on marked frames."""
+    """The tamper check in three settings, each reported on its own: header kept (protected by
+    'run', then edited or benignly processed with the DICOM header kept), header stripped (display
+    exports) and never protected (the blind detector). Per family, size and contrast bin: ROC,
+    TPR at FPR 1%/0.1%, pixel IoU, FPR per benign step, study FPR, latency; SHA-256, the seal alone
+    and a noise-residual baseline beside."""
     require("eval tamper", "eval", *NEEDS)
     try:
-        from medsec_edge.evaluation.tamper_eval import MARKDOWN_NAME, run_tamper_eval
+        from medsec_edge.evaluation.evidence_eval import MARKDOWN_NAME, run_evidence_eval
     except ImportError as exc:
         missing_extra("eval tamper", "eval", exc.name or "a module")
     command = shlex.join(["medsec-edge", *sys.argv[1:]])
+    chosen = tuple(dict.fromkeys(s.strip() for s in settings.split(",") if s.strip()))
     try:
-        run_tamper_eval(held_out_images(images, pydicom_data), out, bundle_path=bundle, threads=threads, seed=seed, trials=trials,
-                        benign_trials=benign_trials, watermark=watermark, command=command)
+        if (trials is not None and trials < 1) or (benign_trials is not None and benign_trials < 1):
+            raise UsageError("--trials and --benign-trials must be at least 1")
+        run_evidence_eval(held_out_images(images, pydicom_data), out, bundle_path=bundle, threads=threads, seed=seed,
+                          size="quick" if quick else "default", settings=chosen, trials=trials,
+                          benign_trials=benign_trials, watermark=watermark, command=command)
     except MedsecError as exc:
         _fail(exc)
         return

@@ -95,4 +95,67 @@ def plot_watermark_eval(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["SERIES_AXIS", "plot_watermark_eval"]
+def plot_evidence_eval(rows: list[dict[str, Any]], blind_rows: list[dict[str, Any]], examples: list[Any],
+                       path: Path) -> Path:
+    """The tamper check in its three settings: one ROC panel per setting (the check's score; the
+    never-protected panel from tamper_eval's rows), then example edits with the true mask (green)
+    and the check's mask (red) overlaid. ``examples`` carry ``setting``, ``title``, ``display``
+    (0..255), ``truth`` and ``pred`` (2-D bool, the display's geometry)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from medsec_edge.evaluation import detection_metrics as dm
+
+    def roc(ax, scores, labels, label, style):
+        scores, labels = np.nan_to_num(np.asarray(scores, float), neginf=-1e300), np.asarray(labels, bool)
+        if labels.any() and (~labels).any():
+            fpr, tpr, _ = dm.roc_curve(scores, labels)
+            auc = dm.roc_auc(scores, labels)
+            ax.plot(np.maximum(fpr, 1e-4), tpr, style, label=f"{label} (AUC {auc:.3f})")
+
+    shown = examples[:8]
+    n_ex_rows = (len(shown) + 3) // 4
+    fig = Figure(figsize=(15.0, 4.6 * (1 + n_ex_rows)), layout="constrained")
+    grid = fig.add_gridspec(1 + n_ex_rows, 4)
+    titles = {"header_kept": "header kept (PACS path)", "header_stripped": "header stripped (exports)"}
+    for col, key in enumerate(("header_kept", "header_stripped")):
+        ax = fig.add_subplot(grid[0, col])
+        part = [r for r in rows if r.get("setting") == key]
+        neg = [r for r in part if not r["label"]]
+        pos = [r for r in part if r["label"]]
+        target = [r for r in pos if r.get("step") is None and r.get("contrast_pct", 0) >= 3.0]
+        for subset, label, style in ((pos, "all edits", "-"), (target, "edits >=3% contrast", "--")):
+            roc(ax, [r["score"] for r in subset + neg], [True] * len(subset) + [False] * len(neg), f"ours, {label}", style)
+        roc(ax, [r["noise_score"] for r in pos + neg], [True] * len(pos) + [False] * len(neg), "noise residual", ":")
+        ax.set_title(titles[key], fontsize=10)
+    ax = fig.add_subplot(grid[0, 2])
+    if blind_rows:
+        neg = [r for r in blind_rows if not r["label"]]
+        for fam_ok, label, style in ((lambda k: k != "splice", "trained families", "-"),
+                                     (lambda k: k == "splice", "held-out family (splice)", "--")):
+            pos = [r for r in blind_rows if r["label"] and fam_ok(r["kind"])]
+            roc(ax, [r["blind"] for r in pos + neg], [True] * len(pos) + [False] * len(neg), f"blind, {label}", style)
+    ax.set_title("never protected (blind)", fontsize=10)
+    for ax in fig.axes:
+        ax.set_xscale("log")
+        ax.set_xlim(1e-4, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("false-positive rate (0 drawn at 1e-4)")
+        ax.set_ylabel("true-positive rate")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower right")
+    for i, ex in enumerate(shown):
+        axi = fig.add_subplot(grid[1 + i // 4, i % 4])
+        axi.imshow(np.asarray(ex.display), cmap="gray", vmin=0, vmax=255)
+        if ex.truth.any():
+            axi.contour(ex.truth, levels=[0.5], colors="lime", linewidths=0.8)
+        if ex.pred is not None and ex.pred.any():
+            axi.contour(ex.pred, levels=[0.5], colors="red", linewidths=0.8)
+        axi.set_title(f"{ex.setting.replace('_', ' ')}: {ex.title}\n(green truth, red ours)", fontsize=8)
+        axi.axis("off")
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+__all__ = ["SERIES_AXIS", "plot_evidence_eval", "plot_watermark_eval"]
