@@ -2,9 +2,11 @@
 
 Layer: export (runs the exported ONNX detector through the runtime's own code path, so the
 thresholds hold for what the device computes). Validation frames come from the training
-generator under a seed no training run uses (synthetic phantoms and pydicom's own test files,
-never pydicom-data), at 256 and 512 px, genuine or after one benign step, a third of them
-watermarked as in training: these fix the blind threshold per target false-positive rate. The watermark threshold is fixed on the same kind of
+generator under a seed no training run uses, from the VALIDATION split of the real frames
+(:mod:`train.real_data`: patients/volumes training never saw; never pydicom-data nor a file that
+shares a study with it), windows of 256 and 512 px (smaller frames whole), genuine or after one
+benign step, a third of them watermarked as in training: these fix the blind threshold per target
+false-positive rate. The watermark threshold is fixed on the same kind of
 frames, watermarked and then put through the watermark core's moderate tier, so that on a
 watermarked image the OR of both rules still stays within the target. The pixel threshold is the
 mask logit that gives the best mean IoU on manipulated validation frames (trained families only).
@@ -33,6 +35,20 @@ SIDES = (256, 512)
 MODERATE_TIER = ("none", "jpeg90", "jpeg75", "j2k10", "noise1", "blur1", "export8", "resize0.75", "crop50")
 WATERMARKED_SHARE = 0.35  # as in training: our own outputs come back to be checked
 PIXEL_LOGITS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+# Real frames of the validation split only (other patients than training), as the trainer's
+# checkpoint choice: a synthetic share would make thresholds for images no device sees.
+VALIDATION_SOURCE = {"split": "val", "p_real": 1.0}
+
+
+def validation_origin() -> str:
+    """Where the validation frames come from (``real_data`` or the pydicom fallback), for the manifest."""
+    gen = TamperSamples(VALIDATION_SEED, crop=64, side=SIDES[0], **VALIDATION_SOURCE)
+    gen.real
+    groups = len(gen._groups)
+    if gen.real_origin == "real_data":
+        return (f"train.real_data validation split: {len(gen.real)} real frames of {groups} patients/volumes "
+                "never trained on (never pydicom-data nor files sharing a study with it)")
+    return f"pydicom test files {', '.join(sorted({s.group for s in gen.real}))} (real-data packages absent)"
 
 
 @dataclass(frozen=True)
@@ -52,8 +68,8 @@ def blind_negatives(checker: TamperChecker, n: int, progress: bool = True) -> tu
     from tqdm import tqdm
 
     logits, kinds = [], []
-    gens = {side: TamperSamples(VALIDATION_SEED, crop=64, p_tampered=0.0, side=side, p_watermark=WATERMARKED_SHARE)
-            for side in SIDES}
+    gens = {side: TamperSamples(VALIDATION_SEED, crop=64, p_tampered=0.0, side=side, p_watermark=WATERMARKED_SHARE,
+                                **VALIDATION_SOURCE) for side in SIDES}
     for i in tqdm(range(n), desc="calibrate: genuine + benign", disable=not progress, mininterval=5):
         frame, meta, _, info = gens[SIDES[i % len(SIDES)]].make(i)
         logits.append(checker.blind(frame, meta).logit)
@@ -66,8 +82,8 @@ def pixel_threshold(checker: TamperChecker, n: int, progress: bool = True) -> tu
     from tqdm import tqdm
 
     ious: dict[float, list[float]] = {t: [] for t in PIXEL_LOGITS}
-    gens = {side: TamperSamples(VALIDATION_SEED + 1, crop=64, p_tampered=1.0, families=TRAIN_FAMILIES, side=side)
-            for side in SIDES}
+    gens = {side: TamperSamples(VALIDATION_SEED + 1, crop=64, p_tampered=1.0, families=TRAIN_FAMILIES, side=side,
+                                **VALIDATION_SOURCE) for side in SIDES}
     for i in tqdm(range(n), desc="calibrate: pixel threshold", disable=not progress, mininterval=5):
         frame, meta, mask, _ = gens[SIDES[i % len(SIDES)]].make(i)
         if not mask.any():
@@ -90,8 +106,8 @@ def watermark_negatives(checker: TamperChecker, n: int, progress: bool = True) -
 
     rng = np.random.default_rng(VALIDATION_SEED + 2)
     blind, deficits = [], []
-    gens = {side: TamperSamples(VALIDATION_SEED + 2, crop=64, p_tampered=0.0, p_benign=0.0, side=side)
-            for side in SIDES}
+    gens = {side: TamperSamples(VALIDATION_SEED + 2, crop=64, p_tampered=0.0, p_benign=0.0, side=side,
+                                **VALIDATION_SOURCE) for side in SIDES}
     for i in tqdm(range(n), desc="calibrate: watermarked + moderate tier", disable=not progress, mininterval=5):
         frame, meta, _, _ = gens[SIDES[i % len(SIDES)]].make(i)
         image = _image(frame, meta)
@@ -156,7 +172,7 @@ def calibrate(checker: TamperChecker, sizes: CalibrationSizes = CalibrationSizes
         "validation": {
             "seed": VALIDATION_SEED, "sides_px": list(SIDES), "genuine_frames": int(sizes.genuine),
             "tampered_frames": int(sizes.tampered), "watermarked_frames": int(sizes.watermarked),
-            "sources": "synthetic phantoms + pydicom test files (never pydicom-data)",
+            "sources": validation_origin(),
             "fpr1_by_benign_step": per_benign,
             "pixel_iou_by_logit": {str(k): round(v, 4) for k, v in pixel_ious.items()},
             "watermark_read_share": None if wm is None else float(np.mean(np.isfinite(wm[1]))),

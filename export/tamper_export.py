@@ -39,13 +39,21 @@ def load_detector(checkpoint: Path):
     return net.eval(), state
 
 
+def _held_out_family() -> str:
+    from medsec_edge.train.tamper_data import HELD_OUT_FAMILY
+
+    return HELD_OUT_FAMILY
+
+
 def _probes() -> list[np.ndarray]:
-    """Detector inputs from training-safe pydicom files and a phantom, several sizes (mult. of 8)."""
+    """Detector inputs from real validation frames (training-safe) and a phantom, several sizes (mult. of 8)."""
     from medsec_edge.runtime.tamper.detector_input import detector_input
     from medsec_edge.train.tamper_data import TamperSamples
 
-    gen = TamperSamples(12345, crop=64, side=256)
-    probes = [detector_input(src.frame, src.meta)[0] for src in gen.real[:3]]
+    gen = TamperSamples(12345, crop=64, side=256, split="val")
+    real = gen.real
+    picks = [real[i] for i in sorted({0, len(real) // 2, len(real) - 1})] if real else []
+    probes = [detector_input(src.frame, src.meta)[0] for src in picks]
     frame, meta, _, _ = gen.make(0)
     probes.append(detector_input(frame, meta)[0])
     return probes
@@ -131,6 +139,10 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
         data.setdefault("training", {})["tamper"] = {
             "command": state.get("command", ""), "commands": state.get("commands", [state.get("command", "")]),
             "config": state["config"], "steps": state["step"],
+            # checkpoint_best.pt: the best validation AUC on the trained families (real frames of
+            # validation patients; the held-out family never chooses)
+            "checkpoint": Path(checkpoint).name, "best": state.get("best", {}), "real_frames": state.get("real_origin", {}),
+            "held_out_family": _held_out_family(),
             "final": history[-1] if history else {},
         }
         data.setdefault("export", {})["tamper"] = {

@@ -1,8 +1,12 @@
 """Training samples for the blind tamper detector: genuine, benign-processed and manipulated crops.
 
-Layer: train (numpy; torch only in the Dataset wrapper). Sources are synthetic phantoms turned
-into stored integers (8-16 bit, signed or not, with a random VOI window or none, and a random
-correlated noise grain) and pydicom's own training-safe test files; pydicom-data is never read.
+Layer: train (numpy; torch only in the Dataset wrapper). Genuine frames are real acquisitions by
+default: :func:`medsec_edge.train.real_data.real_frames` (CT, MR, DX, US, XA, ... from offline
+packages, split by patient/volume so validation never shares a patient with training), with a
+small share of synthetic phantoms (8-16 bit, signed or not, random window and grain) for the
+bit depths and sign conventions the real sources lack. Where that module or its packages are
+absent (CI), pydicom's own training-safe test files stand in. pydicom-data is never read, nor any
+file of ``shared/notes/heldout-overlap.txt`` (they share studies with it).
 Manipulations and benign steps come from :mod:`evaluation.manipulations` and
 :mod:`evaluation.benign`, the definitions the evaluation uses. Each sample is a pure function of
 ``(seed, index)``, so training can stop and resume and see the same stream.
@@ -10,6 +14,8 @@ Manipulations and benign steps come from :mod:`evaluation.manipulations` and
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -23,9 +29,15 @@ from medsec_edge.runtime.io.image import ImageMeta, display_window, stored_range
 from medsec_edge.runtime.tamper.detector_input import normalise
 from medsec_edge.train.data import phantom
 
+log = logging.getLogger(__name__)
+
 HELD_OUT_FAMILY = "splice"  # never trained on: the evaluation reports it separately
 TRAIN_FAMILIES = tuple(k for k in MANIPULATIONS if k != HELD_OUT_FAMILY)
-REAL_FILES = ("CT_small.dcm", "MR_small.dcm", "image_dfl.dcm", "examples_rgb_color.dcm")
+# pydicom's own test files that share no study with pydicom-data (heldout-overlap.txt), by split:
+# the fallback when the real-data packages are absent. (examples_rgb_color.dcm, used before, is
+# on the overlap list and is no longer read.)
+FALLBACK_FILES = {"train": ("CT_small.dcm", "MR_small.dcm"), "val": ("image_dfl.dcm",)}
+SPLITS = ("train", "val")
 SOURCE_SIDE = 256  # manipulated and processed at this size, then cut to the training crop
 META8 = ImageMeta(bits_stored=8, signed=False, source_format="jpeg")
 
@@ -34,6 +46,7 @@ META8 = ImageMeta(bits_stored=8, signed=False, source_format="jpeg")
 class Source:
     frame: np.ndarray  # stored units, native dtype
     meta: ImageMeta
+    group: str = ""  # patient / volume id (real frames)
 
 
 def synthetic_source(rng: np.random.Generator, side: int = SOURCE_SIDE) -> Source:
@@ -61,14 +74,15 @@ def synthetic_source(rng: np.random.Generator, side: int = SOURCE_SIDE) -> Sourc
     return Source(frame, ImageMeta(bits_stored=bits, signed=signed, window=window))
 
 
-def _load_real() -> list[Source]:
-    import pydicom
+def _fallback_real(split: str) -> list[Source]:
+    """pydicom's own training-safe test files (never those sharing a study with pydicom-data)."""
     from pydicom.data import get_testdata_file
 
     from medsec_edge.runtime.io.readers import read_image
 
+    names = FALLBACK_FILES["train"] + FALLBACK_FILES["val"] if split == "all" else FALLBACK_FILES[split]
     out = []
-    for name in REAL_FILES:
+    for name in names:
         path = get_testdata_file(name, download=False)
         if path is None:
             continue
@@ -76,49 +90,96 @@ def _load_real() -> list[Source]:
             warnings.simplefilter("ignore")
             image = read_image(path)
         for frame in image.frames()[:4]:
-            out.append(Source(np.ascontiguousarray(frame), image.meta))
-    del pydicom
+            out.append(Source(np.ascontiguousarray(frame), image.meta, name))
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def load_real(split: str, max_side: int = 1024) -> tuple[list[Source], str]:
+    """Real frames of ``split`` and where they came from (``real_data`` or ``pydicom-fallback``).
+
+    Cached per process (generators of one split share the list; nothing mutates it)."""
+    if split not in (*SPLITS, "all"):
+        raise UsageError(f"split must be train, val or all, got {split!r}")
+    try:
+        from medsec_edge.train.real_data import real_frames
+
+        frames = real_frames(split, max_side=max_side)
+    except ImportError as exc:
+        log.warning("real training frames unavailable (%s): pydicom's test files stand in", exc)
+        frames = []
+    out = []
+    for rf in frames:
+        image = rf.image
+        frame = image.frames()[0]
+        out.append(Source(np.ascontiguousarray(frame), image.meta, str(rf.group)))
+    if out:
+        return out, "real_data"
+    return _fallback_real(split), "pydicom-fallback"
 
 
 class TamperSamples:
     """``sample(index) -> (x, mask, label, info)``: x float32 (crop, crop) normalised display values,
-    mask float32 (crop, crop) in {0, 1}, label 1.0 if any manipulated pixel is in the crop."""
+    mask float32 (crop, crop) in {0, 1}, label 1.0 if any manipulated pixel is in the crop.
+
+    ``split`` picks the real frames (``train`` for training, ``val`` for checkpoint choice and
+    calibration: other patients); ``p_real`` is the share of real frames (the rest synthetic).
+    Real frames are drawn patient/volume first, then a frame of it, so a long series does not
+    outweigh a single radiograph; a window of ``side`` px of the frame is the source (whole
+    smaller frames are kept as they are).
+    """
 
     def __init__(self, seed: int, crop: int = 128, *, families: tuple[str, ...] = TRAIN_FAMILIES,
-                 p_tampered: float = 0.5, p_benign: float = 0.6, p_real: float = 0.2, side: int = SOURCE_SIDE,
-                 p_watermark: float = 0.0, benign_ramp: int = 0):
+                 p_tampered: float = 0.5, p_benign: float = 0.6, p_real: float = 0.9, side: int = SOURCE_SIDE,
+                 p_watermark: float = 0.0, benign_ramp: int = 0, split: str = "train", max_side: int = 1024):
         if crop > side // 2:
             raise UsageError(f"crop {crop} must be at most {side // 2} (resize 0.5x of the source)")
+        if split not in SPLITS:
+            raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
         self.seed, self.crop, self.families, self.side = int(seed), int(crop), tuple(families), int(side)
         self.p_tampered, self.p_benign, self.p_real = p_tampered, p_benign, p_real
         self.p_watermark, self.benign_ramp = p_watermark, int(benign_ramp)
+        self.split, self.max_side = split, int(max_side)
         self._real: list[Source] | None = None
+        self._groups: list[list[int]] = []
+        self.real_origin = ""
         self._watermarker = None
 
     @property
     def real(self) -> list[Source]:
         if self._real is None:
-            self._real = _load_real()
+            self._real, self.real_origin = load_real(self.split, self.max_side)
+            by_group: dict[str, list[int]] = {}
+            for i, src in enumerate(self._real):
+                by_group.setdefault(src.group, []).append(i)
+            self._groups = [by_group[g] for g in sorted(by_group)]
         return self._real
 
+    def _real_source(self, rng: np.random.Generator) -> Source:
+        real = self.real
+        members = self._groups[int(rng.integers(len(self._groups)))]
+        src = real[members[int(rng.integers(len(members)))]]
+        frame = src.frame
+        h, w = frame.shape[:2]
+        sh, sw = min(self.side, h), min(self.side, w)
+        y = int(rng.integers(0, h - sh + 1))
+        x = int(rng.integers(0, w - sw + 1))
+        return Source(np.ascontiguousarray(frame[y : y + sh, x : x + sw]), src.meta, src.group)
+
     def _source(self, rng: np.random.Generator) -> Source:
-        if self.real and rng.random() < self.p_real:
-            src = self.real[int(rng.integers(len(self.real)))]
-            frame = src.frame
-            h, w = frame.shape[:2]
-            side = self.side
-            if min(h, w) < side:  # small files: tile mirrored copies (keeps native grain)
-                reps = (-(-side // h) + 1, -(-side // w) + 1)
-                tiles = [[frame if (i + j) % 2 == 0 else frame[::-1, ::-1] for j in range(reps[1])]
-                         for i in range(reps[0])]
-                frame = np.block([[t for t in row] for row in tiles]) if frame.ndim == 2 else \
-                    np.concatenate([np.concatenate(row, axis=1) for row in tiles], axis=0)
-                h, w = frame.shape[:2]
-            y = int(rng.integers(0, h - side + 1))
-            x = int(rng.integers(0, w - side + 1))
-            return Source(np.ascontiguousarray(frame[y : y + side, x : x + side]), src.meta)
+        if rng.random() < self.p_real and self.real:
+            return self._real_source(rng)
         return synthetic_source(rng, self.side)
+
+    def _donor(self, rng: np.random.Generator) -> np.ndarray:
+        """Another frame to splice from: real when real frames are in use, else synthetic."""
+        if self.p_real > 0 and self.real:
+            d = self._real_source(rng).frame
+            if d.ndim == 3:
+                d = d[..., :3].astype(np.float64) @ np.float64([0.299, 0.587, 0.114])
+            if min(d.shape) >= 64:
+                return d.astype(np.float64)
+        return synthetic_source(rng).frame.astype(np.float64)
 
     @property
     def watermarker(self):
@@ -159,7 +220,7 @@ class TamperSamples:
                 pass  # nothing visible to carry a mark: stays unmarked
         if rng.random() < self.p_tampered:
             kind = self.families[int(rng.integers(len(self.families)))]
-            donor = synthetic_source(rng).frame.astype(np.float64) if kind == "splice" else None
+            donor = self._donor(rng) if kind == "splice" else None
             neighbour = None
             if kind == "copy_move" and rng.random() < 0.3:  # an "adjacent slice": shifted, fresh grain
                 shifted = ndimage.shift(frame.astype(np.float64), rng.uniform(-3, 3, 2), order=1, mode="nearest")
@@ -182,18 +243,18 @@ class TamperSamples:
                 meta = META8
         return frame, meta, mask, info
 
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, float, dict]:
+    def sample(self, index: int, crop: int | None = None) -> tuple[np.ndarray, np.ndarray, float, dict]:
+        """One training sample; ``crop`` overrides the crop side (validation cuts whole sources)."""
         rng = np.random.default_rng([self.seed, int(index)])
         frame, meta, mask, info = self.make(index, rng)
         x = normalise(frame, meta)
-        x, mask = self._cut(x, mask, rng)
+        x, mask = self._cut(x, mask, rng, self.crop if crop is None else int(crop))
         label = float(mask.any())
         if not label:
             info["kind"] = "genuine" if info["kind"] == "genuine" else info["kind"] + "(cut away)"
         return x, mask.astype(np.float32), label, info
 
-    def _cut(self, x: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        c = self.crop
+    def _cut(self, x: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c: int):
         h, w = x.shape
         if h < c or w < c:
             ph, pw = max(0, c - h), max(0, c - w)

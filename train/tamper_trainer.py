@@ -4,7 +4,10 @@ Layer: train. Samples are pure functions of (seed, index) (:mod:`train.tamper_da
 one DataLoader worker while the main process trains, so a resumed run sees the same stream. The
 loss is pixel BCE on the 1/4-resolution mask (soft targets: the share of manipulated pixels in
 each cell) plus a soft Dice term for the mask's shape, plus image BCE on the score. Validation
-(fixed samples, the held-out family included) gives AUC and IoU curves.
+runs on whole source windows (``val_side`` px, not training crops) of the real frames' validation
+split (other patients than training), every family included, and gives AUC on the trained
+families and on the held-out family separately, and IoU; the checkpoint with the best AUC on the
+trained families is kept as ``checkpoint_best.pt`` (the held-out family never chooses).
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ class TamperConfig:
     dice_weight: float = 0.5
     image_weight: float = 1.0
     p_watermark: float = 0.35
-    p_real: float = 0.2  # share of crops from pydicom's own (real) files
+    p_real: float = 0.9  # share of crops from real frames (train.real_data, split by patient); rest synthetic
+    real_max_side: int = 1024  # real frames are box-reduced to at most this side
     init: str = ""  # start from this checkpoint's weights (fine-tuning); the run is new otherwise
     val_size: int = 384
+    val_side: int = 256
     checkpoint_every: int = 250
-    threads: int = 2
+    threads: int = 1
     workers: int = 1
 
 
@@ -121,21 +126,31 @@ class TamperTrainer:
         self.history: list[dict] = []
         self.commands = [command]
         self.samples = TamperSamples(config.seed, config.crop, p_watermark=config.p_watermark,
-                                     p_real=config.p_real, benign_ramp=config.steps * config.batch // 4)
+                                     p_real=config.p_real, benign_ramp=config.steps * config.batch // 4,
+                                     split="train", max_side=config.real_max_side)
+        self.samples.real  # loaded here, before the DataLoader worker forks (shared, and recorded)
+        self.best: dict = {}
 
     @property
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
-    def save(self) -> None:
+    @property
+    def best_path(self) -> Path:
+        return self.out / "checkpoint_best.pt"
+
+    def save(self, path: Path | None = None) -> None:
+        path = self.checkpoint_path if path is None else Path(path)
         if not all(torch.isfinite(p).all() for p in self.net.parameters()):
             raise RuntimeError(f"non-finite weights at step {self.step}: not overwriting the checkpoint")
         state = {"config": asdict(self.cfg), "command": self.command, "commands": self.commands, "step": self.step,
                  "net": self.net.state_dict(), "opt": self.opt.state_dict(), "history": self.history,
-                 "torch_rng": torch.get_rng_state()}
-        tmp = self.checkpoint_path.with_suffix(".tmp")
+                 "torch_rng": torch.get_rng_state(), "best": self.best,
+                 "real_origin": {"train": self.samples.real_origin,
+                                 "val": getattr(self, "_val_origin", "")}}
+        tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path)
+        tmp.replace(path)
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
@@ -145,6 +160,7 @@ class TamperTrainer:
         self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
         self.history = state["history"]
+        self.best = state.get("best", {})
         # Every invocation that trained this run, in order (a resume may change --steps).
         self.commands = [*state.get("commands", [state.get("command", "")]), f"{self.command} (resumed at {self.step})"]
         torch.set_rng_state(state["torch_rng"])
@@ -159,10 +175,13 @@ class TamperTrainer:
 
     def _validation_set(self):
         if not hasattr(self, "_val"):
-            val = TamperSamples(self.cfg.seed + 1_000_003, self.cfg.crop, families=tuple(MANIPULATIONS),
-                                p_watermark=self.cfg.p_watermark)
-            items = [val.sample(i) for i in range(self.cfg.val_size)]
+            side = self.cfg.val_side
+            val = TamperSamples(self.cfg.seed + 1_000_003, min(self.cfg.crop, side // 2), families=tuple(MANIPULATIONS),
+                                p_watermark=self.cfg.p_watermark, p_real=1.0, side=side, split="val",
+                                max_side=self.cfg.real_max_side)
+            items = [val.sample(i, crop=side) for i in range(self.cfg.val_size)]
             self._val = items
+            self._val_origin = val.real_origin
         return self._val
 
     @torch.no_grad()
@@ -170,8 +189,8 @@ class TamperTrainer:
         items = self._validation_set()
         self.net.eval()
         scores, ious = [], []
-        for i in range(0, len(items), 32):
-            chunk = items[i : i + 32]
+        for i in range(0, len(items), 16):
+            chunk = items[i : i + 16]
             x = torch.from_numpy(np.stack([c[0] for c in chunk])[:, None])
             logits, score = self.net(x)
             scores.extend(score[:, 0].tolist())
@@ -231,6 +250,11 @@ class TamperTrainer:
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == last:
                     summary.update(self.validate())
                     log.info("step %d %s", self.step, {k: round(v, 4) for k, v in summary.items()})
+                    if summary["val_auc_trained"] > self.best.get("val_auc_trained", -1.0):
+                        self.best = {k: summary[k] for k in ("step", "val_auc_trained", "val_auc_held_out", "val_iou")}
+                        self.history.append(summary)
+                        self.save(self.best_path)
+                        self.history.pop()
                 self.history.append(summary)
                 bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['acc']:.3f}")
                 recent = []
@@ -257,7 +281,7 @@ class TamperTrainer:
         vs = [h["step"] for h in val]
         axes[1].plot(vs, [h["val_auc_trained"] for h in val], "o-", label="trained families")
         axes[1].plot(vs, [h["val_auc_held_out"] for h in val], "s-", label=f"held out ({HELD_OUT_FAMILY})")
-        axes[1].set_title("validation AUC (synthetic + pydicom test files)")
+        axes[1].set_title("validation AUC (real frames, validation patients)")
         axes[1].legend()
         axes[2].plot(vs, [h["val_iou"] for h in val], "o-")
         axes[2].set_title("validation mask IoU (tampered crops)")

@@ -73,7 +73,8 @@ def test_operating_points_are_frozen_in_the_manifest(bundle):
 def test_provenance_and_budgets(bundle, tamper_bundles):
     manifest = bundle.manifest
     assert manifest.training["tamper"] == {"command": "test", "commands": ["test"], "config": {"width": 4}, "steps": 0,
-                                           "final": {}}
+                                           "final": {}, "checkpoint": "checkpoint.pt", "best": {}, "real_frames": {},
+                                           "held_out_family": "splice"}
     default = open_bundle(DEFAULT_BUNDLE, trusted_keys=tamper_bundles.trust_dir).manifest
     for key, value in default.training.items():  # the watermark's training record is kept
         if key != "tamper":  # the default bundle's own detector, replaced by the fixture's

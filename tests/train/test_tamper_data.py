@@ -55,8 +55,10 @@ def test_sample_is_a_pure_function_of_seed_and_index():
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ma, mb)
         assert la == lb and ia == ib
-    assert not np.array_equal(a.sample(1)[0], a.sample(2)[0])
-    assert not np.array_equal(TamperSamples(6, crop=CROP).sample(1)[0], a.sample(1)[0])
+    # (a small real frame may be cut whole at the same place twice: look at several indices)
+    assert len({a.sample(i)[0].tobytes() for i in range(6)}) > 1
+    other = TamperSamples(6, crop=CROP)
+    assert any(not np.array_equal(other.sample(i)[0], a.sample(i)[0]) for i in range(6))
 
 
 def test_no_tampering_means_no_positives():
@@ -154,8 +156,9 @@ def test_crop_larger_than_half_the_source():
 def test_watermarked_genuine_frames_carry_our_mark():
     from medsec_edge.runtime.pipeline import load_watermarker
 
-    marked_gen = TamperSamples(7, crop=CROP, p_tampered=0.0, p_benign=0.0, p_watermark=1.0)
-    plain_gen = TamperSamples(7, crop=CROP, p_tampered=0.0, p_benign=0.0, p_watermark=0.0)
+    # phantoms of SOURCE_SIDE (real frames may be smaller, and CI may lack them)
+    marked_gen = TamperSamples(7, crop=CROP, p_tampered=0.0, p_benign=0.0, p_watermark=1.0, p_real=0.0)
+    plain_gen = TamperSamples(7, crop=CROP, p_tampered=0.0, p_benign=0.0, p_watermark=0.0, p_real=0.0)
     watermarker = load_watermarker(threads=1)[0]
     n, flags, found_marked, found_plain = 8, [], 0, 0
     for i in range(n):
