@@ -125,7 +125,8 @@ def plot_evidence_eval(rows: list[dict[str, Any]], blind_rows: list[dict[str, An
         target = [r for r in pos if r.get("step") is None and r.get("contrast_pct", 0) >= 3.0]
         for subset, label, style in ((pos, "all edits", "-"), (target, "edits >=3% contrast", "--")):
             roc(ax, [r["score"] for r in subset + neg], [True] * len(subset) + [False] * len(neg), f"ours, {label}", style)
-        roc(ax, [r["noise_score"] for r in pos + neg], [True] * len(pos) + [False] * len(neg), "noise residual", ":")
+        npos, nneg = [r for r in pos if "noise_score" in r], [r for r in neg if "noise_score" in r]
+        roc(ax, [r["noise_score"] for r in npos + nneg], [True] * len(npos) + [False] * len(nneg), "noise residual", ":")
         ax.set_title(titles[key], fontsize=10)
     ax = fig.add_subplot(grid[0, 2])
     if blind_rows:
