@@ -8,14 +8,15 @@ adds uniform noise of one step to the recorded side.
 
 Two branches are summed:
 
-- a fixed linear prior: the four 8 x 8 box means of the cell (pixel-unshuffled), mapped by a
-  learned 1 x 1 convolution initialised to 200 * (mean - 0.5), i.e. 0.78 code units per display
-  level; at initialisation the code is the cell's 2 x 2 sub-means, the non-learned fingerprint at
-  box weights;
+- a fixed linear prior: four Gaussian-weighted means of the display (sigma 4 px, 24 x 24 taps,
+  normalised at the borders like the non-learned fingerprint) centred on the cell's four 8 px
+  sub-cells, pixel-unshuffled to 4 channels and mapped by a learned 1 x 1 convolution initialised
+  to 240 * (mean - 0.5), i.e. 0.94 code units per display level; at initialisation the code IS the
+  non-learned fingerprint's four 8 px cells, at int8 precision;
 - a four-layer strided CNN (3 x 3 kernels, stride 2 each; receptive field 31 px, a 16 px cell and
   about 8 px around it), whose 1 x 1 head starts near zero and learns what to add.
 
-About 25k parameters; ~40 M multiply-adds at 512 x 512.
+About 15k parameters; ~45 M multiply-adds at 512 x 512.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 
 CELL = 16
 DIMS = 4
-PRIOR_GAIN = 200.0
+PRIOR_GAIN = 240.0
+SIGMA = 4.0
+TAPS = 24
 
 
 class FingerprintNet(nn.Module):
@@ -41,6 +44,10 @@ class FingerprintNet(nn.Module):
         self.c4 = nn.Conv2d(width, width, 3, stride=2, padding=1)
         self.head = nn.Conv2d(width, self.dims, 1)
         self.prior = nn.Conv2d(4, self.dims, 1)
+        t = torch.arange(TAPS, dtype=torch.float32) - (TAPS - 1) / 2.0
+        g = torch.exp(-0.5 * (t / SIGMA) ** 2)
+        k = torch.outer(g, g)
+        self.register_buffer("gauss", (k / k.sum())[None, None], persistent=False)
         with torch.no_grad():
             self.head.weight.mul_(0.05)
             self.head.bias.zero_()
@@ -51,7 +58,10 @@ class FingerprintNet(nn.Module):
             self.prior.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sub = F.pixel_unshuffle(F.avg_pool2d(x, 8), 2) - 0.5  # (B, 4, H/16, W/16)
+        # window [8i - 8, 8i + 16) of each output: centred on 8i + 3.5, the 8 px sub-cell's centre
+        num = F.conv2d(x, self.gauss, stride=8, padding=8)
+        den = F.conv2d(torch.ones_like(x), self.gauss, stride=8, padding=8)
+        sub = F.pixel_unshuffle(num / den, 2) - 0.5  # (B, 4, H/16, W/16)
         h = F.relu(self.c1(x))
         h = F.relu(self.c2(h))
         h = F.relu(self.c3(h))

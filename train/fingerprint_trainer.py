@@ -398,7 +398,7 @@ class FingerprintTrainer:
         if self.step == 0:
             rec = {"step": 0, **self.validate()}
             self.history.append(rec)
-            log.info("init (2x2 box sub-means): %s", json.dumps(rec))
+            log.info("init (the Gaussian prior alone): %s", json.dumps(rec))
         stop = min(cfg.steps, until if until is not None else cfg.steps)
         t0, acc = time.time(), {}
         while self.step < stop:
