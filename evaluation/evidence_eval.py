@@ -133,6 +133,9 @@ def contrast_bin(pct: float) -> str:
 
 
 SIZE_BINS = ("16", "24", "32", "48", "64+")
+# Evidence whose verdict the operating point does not change (it picks the blind detector's
+# thresholds only; the fingerprint has its own, from the runtime): checked once, not per point.
+OP_FREE_EVIDENCE = ("seal", "fingerprint", "registry")
 EXAMPLES = {"header_kept": 5, "header_stripped": 3}  # edits shown in the PNG, one per family
 
 
@@ -149,6 +152,7 @@ class Tools:
     work: Path
     ops: tuple[str, ...]
     noise: NoiseResidualBaseline = field(default_factory=NoiseResidualBaseline)
+    errors: list[dict] = field(default_factory=list)  # cases the runtime failed on (reported, not hidden)
 
     def check_kwargs(self) -> dict:
         from medsec_edge.runtime.tamper.evidence import check_image
@@ -369,7 +373,7 @@ def check_case(image: MedicalImage, tools: Tools, reference_hex: str, truth: np.
     row: dict[str, Any] = {}
     extra = tools.check_kwargs()
     for i, op in enumerate(tools.ops):
-        if i and row["evidence"] == "seal":  # a valid seal decides before any threshold
+        if i and row["evidence"] in OP_FREE_EVIDENCE:  # decided before any operating point applies
             row[f"tampered_{op}"] = row[f"tampered_{tools.ops[0]}"]
             continue
         t0 = time.perf_counter()
@@ -439,6 +443,15 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
     def path() -> Path:
         return case_dir / f"case{next(counter)}.dcm"
 
+    def checked(setting: str, kind: str, image_: MedicalImage, truth: np.ndarray | None, index: int) -> dict | None:
+        try:
+            return check_case(image_, tools, ref, truth, index)
+        except Exception as exc:  # noqa: BLE001 - a runtime failure is a finding: counted, the run goes on
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            tools.errors.append({"setting": setting, "image": name, "kind": kind, "error": text})
+            log.warning("%s: check failed on a %s %s case: %s", name, setting, kind, text)
+            return None
+
     def truth_stack(mask: np.ndarray) -> np.ndarray:
         out = np.zeros((n_frames, *mask.shape), bool)
         out[edit_index] = mask
@@ -471,8 +484,9 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
             edits.append((family, s, size_px, pct, edited, mask, launder))
 
     if "header_kept" in settings:
-        untouched = check_case(protected, tools, ref, None, edit_index)
-        finish({"kind": "untouched", "label": False, "step": None, **untouched}, "header_kept")
+        untouched = checked("header_kept", "untouched", protected, None, edit_index)
+        if untouched is not None:
+            finish({"kind": "untouched", "label": False, "step": None, **untouched}, "header_kept")
         for s_index, step in enumerate(KEPT_STEPS):
             for t in range(size.benign_trials if step != "lossless" else 1):
                 out, display8, _, params = apply_step(frames, meta, step, (21, s_index, t), seed=seed, name=name)
@@ -481,8 +495,9 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
                 except (MedsecError, ValueError) as exc:
                     log.info("%s: benign %s not written (%s)", name, step, exc)
                     continue
-                row = check_case(variant, tools, ref, None, edit_index)
-                finish({"kind": "benign", "label": False, "step": step, "params": params, **row}, "header_kept")
+                row = checked("header_kept", "benign", variant, None, edit_index)
+                if row is not None:
+                    finish({"kind": "benign", "label": False, "step": step, "params": params, **row}, "header_kept")
         for e_index, (family, s, size_px, pct, edited, mask, launder) in enumerate(edits):
             new_frames = list(frames)
             new_frames[edit_index] = edited
@@ -497,7 +512,9 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
             except (MedsecError, ValueError) as exc:
                 log.info("%s: edit %s not written (%s)", name, family, exc)
                 continue
-            row = check_case(variant, tools, ref, truth_stack(truth), edit_index)
+            row = checked("header_kept", "edit", variant, truth_stack(truth), edit_index)
+            if row is None:
+                continue
             shown = display_of(new_frames[edit_index], variant.meta)
             finish({"kind": "edit", "label": True, "family": family, "size": s, "size_bin": size_bin(s),
                     "size_px": size_px, "contrast_pct": pct, "contrast_bin": contrast_bin(pct), "step": launder,
@@ -507,8 +524,9 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
         for e in range(size.exports):
             params = export_params(seeded_rng(seed, name, 23, e))
             exported, _ = export_display(frames[edit_index], meta, params, None, path())
-            row = check_case(exported, tools, ref, None, 0)
-            finish({"kind": "untouched", "label": False, "step": None, "export": params, **row}, "header_stripped")
+            row = checked("header_stripped", "untouched", exported, None, 0)
+            if row is not None:
+                finish({"kind": "untouched", "label": False, "step": None, "export": params, **row}, "header_stripped")
         for e_index, (family, s, size_px, pct, edited, mask, _) in enumerate(edits):
             if s not in size.stripped_sizes:
                 continue
@@ -516,7 +534,9 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
             exported, truth = export_display(edited, meta, params, mask, path())
             if truth is None or not truth.any():
                 continue
-            row = check_case(exported, tools, ref, truth[None], 0)
+            row = checked("header_stripped", "edit", exported, truth[None], 0)
+            if row is None:
+                continue
             shown = display_of(exported.frames()[0], exported.meta)
             finish({"kind": "edit", "label": True, "family": family, "size": s, "size_bin": size_bin(s),
                     "size_px": size_px, "contrast_pct": pct, "contrast_bin": contrast_bin(pct), "step": None,
@@ -764,6 +784,9 @@ def render_markdown(summary: dict) -> str:
             lines.append(f"| {op} | {_pct(o['tpr_trained'])} | {_pct(o['tpr_held_out'])} | {_pct(o['fpr_genuine'])} | "
                          f"{_pct(o['fpr_benign'])} | {_pct(o['study_fpr_300'])} |")
         lines.append("")
+    if summary.get("errors"):
+        lines += [f"**The runtime failed on {len(summary['errors'])} case(s)** (not counted above): "
+                  + "; ".join(sorted({e['error'] for e in summary['errors']}))[:1500], ""]
     if summary["skipped"]:
         lines += ["Skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in summary["skipped"]), ""]
     return "\n".join(lines)
@@ -805,6 +828,7 @@ def run_evidence_eval(images: list[Path], out: Path, *, bundle_path: Path | None
     images_used: list[dict] = []
     skipped: list[dict] = []
     ops: tuple[str, ...] = ()
+    errors: list[dict] = []
     protected_settings = [s for s in settings if s != "never_protected"]
     if protected_settings:
         from medsec_edge.runtime.crypto.device_keys import load_or_create_ring
@@ -831,7 +855,7 @@ def run_evidence_eval(images: list[Path], out: Path, *, bundle_path: Path | None
             checker = TamperChecker.from_bundle(bundle, watermarker=watermarker, key=ring.watermark, threads=threads)
             ops = tuple(dict.fromkeys([checker.operating_point(None).name, *checker.operating_points]))
             with Registry.open(work / "registry.sqlite") as registry:
-                tools = Tools(watermarker, bundle, checker, ring, registry, work, ops)
+                tools = Tools(watermarker, bundle, checker, ring, registry, work, ops, errors=errors)
                 with Progress(disable=not progress, transient=True) as bar:
                     task = bar.add_task("evidence eval", total=len(usable))
                     for i, (path, image) in enumerate(usable):
@@ -858,6 +882,7 @@ def run_evidence_eval(images: list[Path], out: Path, *, bundle_path: Path | None
                        "seconds": round(time.perf_counter() - started, 1), "max_frames": MAX_FRAMES,
                        "config": asdict(cfg), "large_pixels": LARGE_PIXELS, "noise_max_side": NOISE_MAX_SIDE}
     summary["images"], summary["skipped"] = images_used, skipped
+    summary["errors"] = errors
     summary["targets"] = TARGETS
     portable = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in rows]
     (out / JSON_NAME).write_text(json.dumps({**summary, "rows": portable}, indent=1, default=json_default))
