@@ -82,7 +82,9 @@ def eval_tamper(
     quick: bool = typer.Option(False, "--quick", help="A small run (CI): fewer sizes, draws and exports."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Never protected: draws per manipulation family and image (default 3, quick 1)."),
     benign_trials: Optional[int] = typer.Option(None, "--benign-trials", help="Never protected: draws per benign step and image (default 3, quick 1)."),
-    watermark: bool = typer.Option(True, "--watermark/--no-watermark", help="Never protected: also score the watermark-aware check on marked frames."),
+    watermark: bool = typer.Option(
+        False, "--watermark/--no-watermark",
+        help="Never protected: also tamper_eval's older watermark-aware check on marked frames (header_stripped supersedes it)."),
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
     seed: int = typer.Option(0, "--seed"),

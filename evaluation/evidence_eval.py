@@ -797,7 +797,7 @@ def render_markdown(summary: dict) -> str:
 
 def run_evidence_eval(images: list[Path], out: Path, *, bundle_path: Path | None = None, threads: int | None = None,
                       seed: int = 0, size: str = "default", settings: Sequence[str] = SETTINGS,
-                      trials: int | None = None, benign_trials: int | None = None, watermark: bool = True,
+                      trials: int | None = None, benign_trials: int | None = None, watermark: bool = False,
                       dedup: bool = True, progress: bool = True, command: str = "") -> dict:
     """The three settings on ``images``; writes JSON, markdown and PNG into ``out`` (the never-protected
     setting also writes tamper_eval.*). ``trials``/``benign_trials`` override the size's blind draws."""
