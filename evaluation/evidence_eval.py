@@ -136,6 +136,11 @@ SIZE_BINS = ("16", "24", "32", "48", "64+")
 # Evidence whose verdict the operating point does not change (it picks the blind detector's
 # thresholds only; the fingerprint has its own, from the runtime): checked once, not per point.
 OP_FREE_EVIDENCE = ("seal", "fingerprint", "registry")
+EXPORT_KINDS = {  # header-stripped exports, by what was done to the display
+    "png": lambda e: e["format"] == "png", "jpeg": lambda e: e["format"] == "jpeg",
+    "resized": lambda e: e["scale"] != 1.0, "cropped": lambda e: e["area"] < 1.0,
+    "neither resized nor cropped": lambda e: e["scale"] == 1.0 and e["area"] == 1.0,
+}
 EXAMPLES = {"header_kept": 5, "header_stripped": 3}  # edits shown in the PNG, one per family
 
 
@@ -393,7 +398,8 @@ def check_case(image: MedicalImage, tools: Tools, reference_hex: str, truth: np.
                 else:
                     row["mask_shape_mismatch"] = [list(pred.shape), list(truth.shape)]
             row["_pred"] = pred
-    row["wm_found"] = row["evidence"] == "registry" or row["watermark"] in ("present", "mismatch")
+    row["wm_found"] = (row["evidence"] == "registry" or row["watermark"] in ("present", "mismatch")
+                       or any(r.startswith("watermark found") for r in row["reasons"]))
     t0 = time.perf_counter()
     row["sha256_flag"] = HashBaseline.verdict(reference_hex, image.pixels)
     row["sha256_ms"] = (time.perf_counter() - t0) * 1e3
@@ -620,6 +626,9 @@ def summarise_setting(rows: list[dict], ops: Sequence[str]) -> dict:
             "per_size_bin": {b: _count([r for r in plain if r["size_bin"] == b], key) for b in SIZE_BINS},
             "per_contrast_bin": {b: _count([r for r in plain if r["contrast_bin"] == b], key) for b in CONTRAST_BINS},
             "per_laundering_step": {s: _count([r for r in laundered if r["step"] == s], key) for s in LAUNDER_STEPS},
+            "per_export": {k: {"tpr": _count([r for r in plain if test(r["export"])], key),
+                               "fpr": _count([r for r in neg if test(r["export"])], key)}
+                           for k, test in EXPORT_KINDS.items()} if any("export" in r for r in rows) else {},
             "study": {"images_with_a_false_flag": _rate(len(flagged_images), len({r["image"] for r in neg})),
                       f"study_fpr_{STUDY_FRAMES}_frames": dm.study_fpr(fpr["rate"], STUDY_FRAMES)
                       if fpr["rate"] is not None else None,
@@ -735,6 +744,10 @@ def _setting_markdown(title: str, s: dict, ops: Sequence[str], target: str) -> l
         lines += ["| benign step | FPR ours | FPR SHA-256 | FPR seal alone |", "|---|---|---|---|"]
         lines += [f"| {k} | {_pct(v)} | {_pct(base['sha256']['per_benign_step'].get(k))} | "
                   f"{_pct(base['seal_alone']['per_benign_step'].get(k))} |" for k, v in o["per_benign_step"].items()]
+        lines.append("")
+    if o["per_export"]:
+        lines += ["| export | TPR | FPR |", "|---|---|---|"]
+        lines += [f"| {k} | {_pct(v['tpr'])} | {_pct(v['fpr'])} |" for k, v in o["per_export"].items()]
         lines.append("")
     if any(v["n"] for v in o["per_laundering_step"].values()):
         lines += ["| laundering step | TPR |", "|---|---|"]
