@@ -31,11 +31,13 @@ from medsec_edge.runtime.io.atomic import (
     remove_stale_temporaries,
     write_bytes_atomic,
 )
-from medsec_edge.runtime.io.dicom_writer import build_derived_dataset
+from medsec_edge.runtime.io.dicom_writer import attach_fingerprint, build_derived_dataset
 from medsec_edge.runtime.io.image import MedicalImage
 from medsec_edge.runtime.io.readers import read_image
 from medsec_edge.runtime.io.writers import checked_pixels, output_format, write_image
 from medsec_edge.runtime.tamper.checker import TamperChecker
+from medsec_edge.runtime.tamper.fingerprint import compute_fingerprint, sign_fingerprint
+from medsec_edge.runtime.tamper.registry import Entry, Registry
 from medsec_edge.runtime.watermark.identity import payload_for
 from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 from medsec_edge.runtime.watermark.payload import PayloadCodec
@@ -92,6 +94,8 @@ class RunRecord:
     sealed: bool = False  # the written file carries our seal and a PS3.15 signature
     seal_key_id: str | None = None
     seal_reason: str = ""  # why it is not sealed (non-DICOM output, no key ring, failure)
+    fingerprint_bytes: int = 0  # size of the signed content fingerprint written/recorded (0: none)
+    registered: bool = False  # recorded in the evidence registry
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +134,7 @@ def _one_line(exc: BaseException) -> str:
 def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle: Bundle,
                    key: WatermarkKey | None, explicit: bytes | None, *, checker=None,
                    operating_point: str | None = None, aside_path: Path | None = None,
-                   reversible_to=None, keyring=None) -> RunRecord:
+                   reversible_to=None, keyring=None, registry: Registry | None = None) -> RunRecord:
     """Read, check, embed, verify in memory, seal in memory, write once atomically; every stage timed.
 
     With ``checker`` an image found tampered is not watermarked: it is reported and, with
@@ -151,7 +155,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     try:
         return _watermark(path, out_path, watermarker, bundle, key, explicit, checker=checker,
                           operating_point=operating_point, aside_path=aside_path, reversible_to=reversible_to,
-                          keyring=keyring, lat=lat, state=state, t0=t0)
+                          keyring=keyring, registry=registry, lat=lat, state=state, t0=t0)
     except OSError as exc:
         if state["stage"] in ("write", "aside"):
             raise
@@ -173,7 +177,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
 
 
 def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, operating_point, aside_path,
-               reversible_to, keyring, lat, state, t0) -> RunRecord:
+               reversible_to, keyring, registry, lat, state, t0) -> RunRecord:
     image = read_image(path)
     state["image"] = image
     lat["read"] = (time.perf_counter() - t0) * 1e3
@@ -217,11 +221,24 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         "bundle": bundle.manifest.name, "bundle_key_id": bundle.key_id,
         "target_psnr_db": embedded.target_psnr_db, "verified": bool(ok),
     }
-    written, seal, seal_failed = None, {}, False
+    written, seal, seal_failed, evidence = None, {}, False, {}
     if ok:
+        fingerprint = None
+        if keyring is not None:
+            state["stage"] = "fingerprint"
+            tf = time.perf_counter()
+            fingerprint = sign_fingerprint(compute_fingerprint(replace(image, pixels=embedded.pixels)),
+                                           keyring.signer)
+            lat["fingerprint"] = (time.perf_counter() - tf) * 1e3
+            evidence["fingerprint_bytes"] = len(fingerprint)
         state["stage"] = "write"
-        written, seal, seal_failed = _write_output(image, embedded.pixels, out_path, record, reversible_to,
-                                                   keyring, lat, state)
+        written, seal, seal_failed, sop_uid = _write_output(image, embedded.pixels, out_path, record, reversible_to,
+                                                            keyring, lat, state, fingerprint)
+        if registry is not None and fingerprint is not None and written is not None:
+            state["stage"] = "register"
+            tr = time.perf_counter()
+            evidence["registered"] = _register(registry, image, payload, kind, fingerprint, sop_uid, keyring)
+            lat["register"] = (time.perf_counter() - tr) * 1e3
     lat["total"] = (time.perf_counter() - t0) * 1e3
     budgets = bundle.manifest.budgets_ms
     cls = size_class(image.shape_hw)
@@ -243,20 +260,40 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
         confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
         latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
+        **evidence,
     )
+
+
+def _register(registry: Registry, image: MedicalImage, payload: bytes, kind: str, fingerprint: bytes,
+              sop_uid: str | None, keyring) -> bool:
+    """Record the evidence of one written image; True if it was new (a rerun records nothing twice)."""
+    study_uid = None
+    if image.dataset is not None:
+        study_uid = str(image.dataset.get("StudyInstanceUID", "") or "") or None
+    entry = Entry.from_uids(
+        payload_hex=payload.hex(), payload_kind=kind, image_id=image.meta.image_id, fingerprint=fingerprint,
+        frames=image.n_frames, rows=image.shape_hw[0], columns=image.shape_hw[1], sop_uid=sop_uid,
+        study_uid=study_uid, key_id=keyring.signer.key_id,
+    )
+    return registry.record(entry)
 
 
 _WATERMARK_DESCRIPTION = "Invisible watermark embedded by medsec-edge"
 
 
 def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, record: dict, reversible_to,
-                  keyring, lat: dict[str, float], state: dict) -> tuple[Path | None, dict, bool]:
+                  keyring, lat: dict[str, float], state: dict, fingerprint: bytes | None = None,
+                  ) -> tuple[Path | None, dict, bool, str | None]:
     """Write the one output: a sealed DICOM built and sealed in memory, else as ``write_image`` does.
 
-    Returns the path written (None if nothing was), the RunRecord's seal fields and whether
-    sealing failed. ``lat`` gets ``write`` (build the dataset, write the bytes) and ``seal``
+    Returns the path written (None if nothing was), the RunRecord's seal fields, whether sealing
+    failed and the SOP Instance UID the image is known by (the new one of a DICOM output, else the
+    source's, else None). ``lat`` gets ``write`` (build the dataset, write the bytes) and ``seal``
     (seal, sign, encode and check the encoding reads back as sealed).
     """
+    source_uid = None
+    if image.dataset is not None:
+        source_uid = str(image.dataset.get("SOPInstanceUID", "") or "") or None
     fmt = output_format(image, out_path)
     t3 = time.perf_counter()
     if fmt == "dicom" and keyring is not None:
@@ -268,6 +305,8 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
             record["reversible"] = reversible.to_dict()  # sizes and key ids only
             ds = build_reversible_dataset(image, pixels, reversible, watermark_record=record,
                                           description=_WATERMARK_DESCRIPTION + " (reversible)")
+        if fingerprint is not None:
+            attach_fingerprint(ds, fingerprint)
         built = time.perf_counter()
         state["stage"] = "seal"
         try:
@@ -275,13 +314,13 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
         except Exception as exc:  # noqa: BLE001 - whatever stops the seal, nothing unsealed is written
             lat["write"] = (built - t3) * 1e3
             lat["seal"] = (time.perf_counter() - built) * 1e3
-            return None, {"seal_reason": _one_line(exc)}, True
+            return None, {"seal_reason": _one_line(exc)}, True, None
         sealed = time.perf_counter()
         lat["seal"] = (sealed - built) * 1e3
         state["stage"] = "write"
         written = write_bytes_atomic(out_path, data, image.path)
         lat["write"] = (built - t3 + time.perf_counter() - sealed) * 1e3
-        return written, {"sealed": True, "seal_key_id": result.seal_key_id}, False
+        return written, {"sealed": True, "seal_key_id": result.seal_key_id}, False, str(ds.SOPInstanceUID)
     if reversible_to is None:
         written = write_image(image, pixels, out_path, record=record, description=_WATERMARK_DESCRIPTION)
     else:
@@ -291,13 +330,15 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
                                    description=_WATERMARK_DESCRIPTION + " (reversible)")
     lat["write"] = (time.perf_counter() - t3) * 1e3
     if keyring is None:
-        return written, {"seal_reason": "no key ring given: not sealed"}, False
-    return written, {"seal_reason": f"{fmt.upper()} output cannot carry a seal (DICOM only): not sealed"}, False
+        return written, {"seal_reason": "no key ring given: not sealed"}, False, source_uid
+    return (written, {"seal_reason": f"{fmt.upper()} output cannot carry a seal (DICOM only): not sealed"},
+            False, source_uid)
 
 
 def run_batch(files: list[Path], names: list[Path], out: Path, watermarker: Watermarker, bundle: Bundle,
               key: WatermarkKey | None, explicit: bytes | None, *, checker: TamperChecker | None,
-              operating_point: str | None, check_note: str, ring, on_done=None) -> tuple[dict, list[RunRecord]]:
+              operating_point: str | None, check_note: str, ring, on_done=None,
+              registry: Registry | None = None) -> tuple[dict, list[RunRecord]]:
     """The acquisition-time job over ``files``: each is written to ``out / names[i]`` (tampered ones
     to ``out/tampered/``), and the report (counts, per-stage latency percentiles, one PHI-free
     record per image) is written to ``out/report.json`` and returned with the records.
@@ -317,7 +358,7 @@ def run_batch(files: list[Path], names: list[Path], out: Path, watermarker: Wate
             target.parent.mkdir(parents=True, exist_ok=True)
             records.append(watermark_file(path, target, watermarker, bundle, key, explicit, checker=checker,
                                           operating_point=operating_point, aside_path=out / "tampered" / name,
-                                          keyring=ring))
+                                          keyring=ring, registry=registry))
             if on_done is not None:
                 on_done()
     except BaseException as exc:
@@ -339,6 +380,8 @@ def _report(records: list[RunRecord], bundle: Bundle, check_note: str, ring, int
         "seal_key_id": ring.signer.key_id, "dicom_key_id": ring.dicom_signer.key_id,
         "ok": sum(r.status == "ok" for r in records),
         "sealed": sum(r.sealed for r in records),
+        "fingerprinted": sum(r.fingerprint_bytes > 0 for r in records),
+        "registered": sum(r.registered for r in records),
         "tampered": sum(r.status == "tampered" for r in records),
         "verify_failed": sum(r.status == "verify_failed" for r in records),
         "seal_failed": sum(r.status == "seal_failed" for r in records),

@@ -57,6 +57,14 @@ def cuda_unavailable_reason() -> "str | None":
 
 
 @_medsec_pytest.fixture(autouse=True)
+def _medsec_private_registry(tmp_path, monkeypatch):
+    """Every test gets its own (not yet existing) evidence registry: `run` would otherwise record
+    into the user's data folder and `check` would read what other tests recorded there."""
+    monkeypatch.setenv("MEDSEC_EDGE_REGISTRY", str(tmp_path / "medsec-registry" / "registry.sqlite3"))
+    yield
+
+
+@_medsec_pytest.fixture(autouse=True)
 def _medsec_hardware_markers(request):
     if request.node.get_closest_marker("tensorrt") is not None:
         reason = tensorrt_unavailable_reason()

@@ -20,9 +20,11 @@ from medsec_edge.runtime.cli.options import (
     BundleOpt,
     JsonOpt,
     LegacyWatermarkKeyOpt,
+    NoRegistryOpt,
     OperatingPointOpt,
     ThreadsOpt,
     keys_option,
+    registry_option,
 )
 from medsec_edge.runtime.cli.output import error as _error
 from medsec_edge.runtime.cli.output import fail as _fail
@@ -162,19 +164,25 @@ def run(
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = JsonOpt,
+    registry_path: Optional[Path] = registry_option("created on first use; every output is recorded"),
+    no_registry: bool = NoRegistryOpt,
     key: Optional[Path] = LegacyWatermarkKeyOpt,
 ) -> None:
     """The acquisition-time job: check, watermark, verify and seal each image, write it and a
     report (OUT/report.json).
 
     Every DICOM output is sealed (Ed25519 over pixels + identity) and signed (DICOM PS3.15 Creator
-    RSA) with the key set; PNG, TIFF, JPEG and NPY outputs cannot carry a seal and are reported
-    unsealed. Images the tamper check flags are not watermarked: they are copied to OUT/tampered/
-    with a .reason.json beside each. With --json: one object per image, then one summary."""
+    RSA) with the key set, and carries a signed content fingerprint under the seal; every output
+    is recorded in the evidence registry (fingerprint, geometry, hashed identity, by watermark
+    payload), so `check` can still compare an export that lost its header. PNG, TIFF, JPEG and
+    NPY outputs cannot carry a seal and are reported unsealed. Images the tamper check flags are
+    not watermarked: they are copied to OUT/tampered/ with a .reason.json beside each. With
+    --json: one object per image, then one summary."""
     from medsec_edge.runtime.crypto.device_keys import load_or_create_ring
     from medsec_edge.runtime.io.inputs import collect_inputs
     from medsec_edge.runtime.pipeline import load_watermarker, run_batch
     from medsec_edge.runtime.tamper.checker import MODEL_NAME, TamperChecker
+    from medsec_edge.runtime.tamper.registry import Registry
     from medsec_edge.runtime.watermark.payload import parse_payload_hex
 
     try:
@@ -195,13 +203,18 @@ def run(
             check_note = checker.operating_point(operating_point).name  # an unknown name fails here
         else:
             log.warning("tamper check %s", check_note)
+        registry = None if no_registry else Registry.open(registry_path, create=True)
     except MedsecError as exc:
         _fail(exc)
         return
-    with progress(len(files), "run") as advance:
-        report, records = run_batch(files, [_relative_name(p, inputs) for p in files], out, watermarker, bndl,
-                                    wm_key, explicit, checker=checker, operating_point=operating_point,
-                                    check_note=check_note, ring=ring, on_done=advance)
+    try:
+        with progress(len(files), "run") as advance:
+            report, records = run_batch(files, [_relative_name(p, inputs) for p in files], out, watermarker,
+                                        bndl, wm_key, explicit, checker=checker, operating_point=operating_point,
+                                        check_note=check_note, ring=ring, on_done=advance, registry=registry)
+    finally:
+        if registry is not None:
+            registry.close()
     if as_json:
         for r in records:
             json_line(r.to_dict())
@@ -224,18 +237,20 @@ def check(
     bundle: Optional[Path] = BundleOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = JsonOpt,
+    registry_path: Optional[Path] = registry_option("used only if it exists"),
+    no_registry: bool = NoRegistryOpt,
     key: Optional[Path] = LegacyWatermarkKeyOpt,
 ) -> None:
-    """Was the image manipulated, where, and how sure. A valid seal (checked with the key set's
-    public keys) proves a DICOM image untouched at once; otherwise the blind CNN and the
-    watermark-aware local map decide. Each row names its `evidence` (seal or blind).
+    """Was the image manipulated, where, and how sure. The strongest evidence decides: a valid
+    seal proves a DICOM image untouched at once; else the signed fingerprint in the file, else the
+    registry entry found by SOP UID or watermark payload, is compared with the pixels (benign
+    processing is not tampering, a local edit is); with no evidence the blind CNN decides, labelled
+    so. Each row names its `evidence` (seal, fingerprint, registry or blind) and its `reasons`.
 
     Exit 1 if any image is flagged."""
-    from medsec_edge.runtime.io.readers import read_image
     from medsec_edge.runtime.crypto.device_keys import load_device_ring
     from medsec_edge.runtime.pipeline import load_checker
-    from medsec_edge.runtime.tamper.evidence import check_image
-    from medsec_edge.runtime.tamper.report import check_row, write_mask_png
+    from medsec_edge.runtime.tamper.registry import Registry, default_registry_path
 
     try:
         files = _files(inputs)
@@ -243,27 +258,17 @@ def check(
         wm_key = watermark_key(keys, key, create=False) if key is not None else getattr(ring, "watermark", None)
         checker = load_checker(bundle, key=wm_key, threads=threads)
         checker.operating_point(operating_point)  # an unknown name fails before any work
+        registry = None
+        if not no_registry and (registry_path is not None or default_registry_path().exists()):
+            registry = Registry.open(registry_path, create=False)
     except MedsecError as exc:
         _fail(exc)
         return
-    rows, worst = [], 0
-    with progress(len(files), "check") as advance:
-        for path in files:
-            try:
-                image = read_image(path)
-                verdict = check_image(image, checker, ring, operating_point)
-                row = check_row(path, image, verdict)
-                if verdict.tampered:
-                    worst = max(worst, 1)
-                    if mask_dir is not None and verdict.blind is not None:
-                        row["mask"] = str(write_mask_png(verdict.blind, mask_dir, path, image.meta.image_id))
-            except MedsecError as exc:
-                row = {"path": str(path), "tampered": None, "error": str(exc)}
-                worst = max(worst, exc.exit_code)
-            rows.append(row)
-            if as_json:
-                json_line(row)
-            advance()
+    try:
+        rows, worst = _check_all(files, checker, ring, operating_point, registry, mask_dir, as_json)
+    finally:
+        if registry is not None:
+            registry.close()
     if not as_json:
         shown = [{**r, "regions": len(r.get("regions") or []) if "regions" in r else None} for r in rows]
         details = []
@@ -278,6 +283,33 @@ def check(
         table(None, shown, ["path", "tampered", "evidence", "score", "watermark", "regions"], details=details)
     if worst:
         raise typer.Exit(worst)
+
+
+def _check_all(files, checker, ring, operating_point, registry, mask_dir, as_json) -> tuple[list[dict], int]:
+    """Check each file (one error is one row), printing JSON lines as they come with ``as_json``."""
+    from medsec_edge.runtime.io.readers import read_image
+    from medsec_edge.runtime.tamper.evidence import check_image
+    from medsec_edge.runtime.tamper.report import check_row, write_mask_png
+
+    rows, worst = [], 0
+    with progress(len(files), "check") as advance:
+        for path in files:
+            try:
+                image = read_image(path)
+                verdict = check_image(image, checker, ring, operating_point, registry=registry)
+                row = check_row(path, image, verdict)
+                if verdict.tampered:
+                    worst = max(worst, 1)
+                    if mask_dir is not None and verdict.mask is not None:
+                        row["mask"] = str(write_mask_png(verdict, mask_dir, path, image.meta.image_id))
+            except MedsecError as exc:
+                row = {"path": str(path), "tampered": None, "error": str(exc)}
+                worst = max(worst, exc.exit_code)
+            rows.append(row)
+            if as_json:
+                json_line(row)
+            advance()
+    return rows, worst
 
 
 def _files(inputs: list[Path]) -> list[Path]:

@@ -16,6 +16,16 @@ OperatingPointOpt = typer.Option(None, "--operating-point",
 JsonOpt = typer.Option(False, "--json", help="JSON lines on stdout: one object per input.")
 
 DEVICE_KEYS = "$MEDSEC_EDGE_KEYS or ~/.config/medsec-edge/keys"
+DEVICE_REGISTRY = "$MEDSEC_EDGE_REGISTRY or ~/.local/share/medsec-edge/registry.sqlite3"
+
+
+def registry_option(default_help: str) -> typer.Option:
+    """``--registry PATH``: the evidence registry (SQLite) of this device."""
+    return typer.Option(None, "--registry", metavar="PATH",
+                        help=f"Evidence registry (default: {DEVICE_REGISTRY}; {default_help}).")
+
+
+NoRegistryOpt = typer.Option(False, "--no-registry", help="Do not use the evidence registry at all.")
 
 
 def keys_option(default_help: str) -> typer.Option:

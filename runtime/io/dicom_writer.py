@@ -39,6 +39,7 @@ SEAL_ELEMENT = 0x10  # UT: seal record JSON (seal.py)
 ENCRYPTED_ELEMENT = 0x20  # OB: AES-256-GCM blob of the original file (encryption.py)
 WRAPPED_KEY_ELEMENT = 0x21  # UT: JSON of the study data key wrapped for a recipient
 REVERSIBLE_ELEMENT = 0x30  # OB: encrypted watermark residual for bit-exact restore (reversible.py)
+FINGERPRINT_ELEMENT = 0x40  # OB: signed content fingerprint of these pixels (tamper/fingerprint.py)
 DEFAULT_DESCRIPTION = "Processed by medsec-edge"
 # PS3.7 D.3.3.2: the file meta names the application that wrote the file, not the source's.
 # 2.25.<int of uuid5(NAMESPACE_URL, "https://medsec-edge/dicom/implementation")>: fixed forever.
@@ -234,11 +235,13 @@ def build_derived_dataset(
     *,
     record: dict | None = None,
     description: str = "",
+    fingerprint: bytes | None = None,
 ) -> Dataset:
     """A copy of ``image.dataset`` holding ``pixels`` and marked as derived from the source.
 
     ``pixels`` must already have the shape and dtype of ``image.pixels`` (``imageio.write_image``
-    checks and casts).
+    checks and casts). ``fingerprint`` is the signed content fingerprint of ``pixels``; any
+    fingerprint the source carried described the source's pixels and is dropped.
     """
     src = image.dataset
     if src is None:
@@ -303,13 +306,31 @@ def build_derived_dataset(
     block.add_new(SOURCE_UID_ELEMENT, "UI", first_source_uid)
     # Seals, signatures and restore records vouch for the source's bytes, not these: a copy
     # would make the output fail verification (the new file is sealed again by whoever writes it).
-    for element in (SEAL_ELEMENT, ENCRYPTED_ELEMENT, WRAPPED_KEY_ELEMENT, REVERSIBLE_ELEMENT):
+    for element in (SEAL_ELEMENT, ENCRYPTED_ELEMENT, WRAPPED_KEY_ELEMENT, REVERSIBLE_ELEMENT,
+                    FINGERPRINT_ELEMENT):
         if element in block:
             del ds[block.get_tag(element)]
     for tag in (_DIGITAL_SIGNATURES_SEQUENCE, _MAC_PARAMETERS_SEQUENCE):
         if tag in ds:
             del ds[tag]
+    if fingerprint is not None:
+        attach_fingerprint(ds, fingerprint)
     return ds
+
+
+def attach_fingerprint(ds: Dataset, fingerprint: bytes) -> None:
+    """Put the signed fingerprint into our private block (before sealing: the seal covers it)."""
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(FINGERPRINT_ELEMENT, "OB", bytes(fingerprint))
+
+
+def read_fingerprint(ds: Dataset) -> bytes | None:
+    """The signed fingerprint blob in our private block, or None (verified by the caller)."""
+    block = _private_block(ds, create=False)
+    if block is None or FINGERPRINT_ELEMENT not in block:
+        return None
+    value = block[FINGERPRINT_ELEMENT].value
+    return bytes(value) if value else None
 
 
 def write_dicom(
@@ -319,9 +340,10 @@ def write_dicom(
     *,
     record: dict | None = None,
     description: str = "",
+    fingerprint: bytes | None = None,
 ) -> Dataset:
     """Write the derived dataset (see ``build_derived_dataset``) to an open binary file."""
-    ds = build_derived_dataset(image, pixels, record=record, description=description)
+    ds = build_derived_dataset(image, pixels, record=record, description=description, fingerprint=fingerprint)
     # dcmwrite encodes as the (new) Transfer Syntax says, also for a big endian source.
     dcmwrite(fp, ds, enforce_file_format=True)
     logger.debug("wrote derived DICOM for image %s", image.meta.image_id)

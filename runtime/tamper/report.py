@@ -46,8 +46,9 @@ def mask_name(image_id: str, path: Path, frame: int, attempt: int = 1) -> str:
     return f"{image_id or 'image'}.{path_tag(path)}.frame{frame}{suffix}.mask.png"
 
 
-def write_mask_png(verdict: TamperVerdict, mask_dir: Path, path: Path, image_id: str) -> Path:
-    """8-bit PNG (255 = manipulated) at the frame's native size; returns where it went.
+def write_mask_png(verdict: TamperVerdict | CheckVerdict, mask_dir: Path, path: Path, image_id: str) -> Path:
+    """8-bit PNG (255 = manipulated) of the verdict's mask frame at the size of the image under
+    test; returns where it went.
 
     A mask never replaces another file: the complete PNG is written to a temporary file and then
     linked to the first free name (a hard link fails if the name exists, atomically, so two
@@ -60,12 +61,13 @@ def write_mask_png(verdict: TamperVerdict, mask_dir: Path, path: Path, image_id:
         raise UsageError(f"cannot write a mask into the mask folder: {exc.strerror or exc}") from None
 
 
-def _write_mask_png(verdict: TamperVerdict, mask_dir: Path, path: Path, image_id: str) -> Path:
+def _write_mask_png(verdict: TamperVerdict | CheckVerdict, mask_dir: Path, path: Path, image_id: str) -> Path:
     from PIL import Image
 
     mask_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    Image.fromarray(verdict.mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    mask = verdict.mask if verdict.mask.ndim == 2 else verdict.mask[verdict.mask_frame]
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
     tmp = mask_dir / f".mask.{secrets.token_hex(6)}.tmp"
     # 0o666 and the umask decide the mode, as for any other output (mkstemp would force 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -26,8 +26,9 @@ from tests.runtime.cli.helpers import run_report
 from tests.tamper_fixtures import *  # noqa: F401,F403 - fixtures
 
 SAMPLES = REPO / "samples"
+BLIND_LABEL = "no recorded evidence for this image: the blind detector decided (a prior, not proof)"
 ROW_KEYS = {"path", "image_id", "tampered", "evidence", "seal", "score", "operating_point", "watermark",
-            "payload_kind", "watermark_deficit", "reasons", "regions", "latency_ms"}
+            "payload_kind", "watermark_deficit", "reasons", "regions", "latency_ms", "fingerprint"}
 
 
 @pytest.fixture
@@ -86,7 +87,8 @@ def test_check_prints_one_json_row_per_input_and_exits_0_when_nothing_is_flagged
     for row in rows:
         assert set(row) == ROW_KEYS
         assert row["tampered"] is False and row["operating_point"] == "fpr0.1"
-        assert row["watermark"] == "absent" and row["regions"] == [] and row["reasons"] == []
+        assert row["watermark"] == "absent" and row["regions"] == []
+        assert row["reasons"] == [BLIND_LABEL]  # nothing was recorded for these: the detector decided
         assert 0.0 <= row["score"] <= 1.0 and len(row["image_id"]) >= 8
     assert rows[0]["image_id"] != rows[1]["image_id"]
     assert not masks.exists(), "no mask is written for an image that is not flagged"
@@ -114,7 +116,7 @@ def test_check_flags_exits_1_and_writes_a_phi_free_mask(cli, tamper_env, inputs,
     assert [r["tampered"] for r in rows] == [True, True]
     for row, side in zip(rows, (128, 64)):
         assert set(row) == ROW_KEYS | {"mask"}
-        assert row["reasons"] == ["blind detector"]
+        assert row["reasons"] == ["blind detector", BLIND_LABEL]
         assert row["regions"] == [{"x": 0, "y": 0, "width": side, "height": side, "frame": 0, "source": "blind"}]
         mask = Path(row["mask"])
         assert mask.parent == masks and mask.name == mask_name(row["image_id"], Path(row["path"]), 0)
@@ -183,8 +185,8 @@ def test_run_checks_then_watermarks_and_reports(cli, tamper_env, tmp_path):
     row = _rows(res)[0]
     assert row["evidence"] == "seal" and row["tampered"] is False and row["seal"]["status"] == "valid"
     assert row["score"] is None and row["watermark"] is None  # nothing else ran
-    # one changed pixel breaks the seal: the blind detector decides, labelled, and it finds the
-    # watermark run embedded; the broken seal is among the reasons
+    # one changed pixel breaks the seal; the signed fingerprint run wrote under it decides: a
+    # change of one stored unit is far inside what benign processing does, so not tampered
     ds = pydicom.dcmread(out / "CT_small.dcm")
     pixels = ds.pixel_array.copy()
     pixels[5, 5] += 1
@@ -192,8 +194,19 @@ def test_run_checks_then_watermarks_and_reports(cli, tamper_env, tmp_path):
     ds.save_as(tmp_path / "edited.dcm")
     res = cli("check", tmp_path / "edited.dcm", "--json", "--bundle", tamper_env.lenient)
     row = _rows(res)[0]
-    assert row["evidence"] == "blind" and row["seal"]["status"] == "invalid" and row["seal"]["changed"] == ["pixels"]
-    assert row["watermark"] == "present" and any(r.startswith("seal broken (pixels") for r in row["reasons"])
+    assert row["evidence"] == "fingerprint" and row["tampered"] is False
+    assert row["seal"]["status"] == "invalid" and row["seal"]["changed"] == ["pixels"]
+    assert any(r.startswith("seal broken (pixels") for r in row["reasons"])
+    # a visible square (400 HU over 24 x 24 px, a quarter of the image's display range) is found
+    pixels[50:74, 60:84] += 400
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "edited2.dcm")
+    res = cli("check", tmp_path / "edited2.dcm", "--json", "--bundle", tamper_env.lenient)
+    assert res.exit_code == 1, res.output
+    row = _rows(res)[0]
+    assert row["evidence"] == "fingerprint" and row["tampered"] is True
+    box = row["regions"][0]
+    assert box["x"] <= 60 < 84 <= box["x"] + box["width"] + 8 and box["y"] <= 50 < 74 <= box["y"] + box["height"] + 8
 
 
 def test_run_with_the_calibrated_bundle_reports_every_verdict(cli, tamper_env, tmp_path):

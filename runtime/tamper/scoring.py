@@ -1,0 +1,513 @@
+"""Fingerprint comparison that tells benign processing from a local edit (issue 9); runtime layer.
+
+A recorded fingerprint (``fingerprint.py``) holds Gaussian-weighted display means at cell centres.
+The image under test may have been re-encoded, exported to 8 bits, noised, blurred, resized or
+cropped: all of that is benign. The comparison therefore goes in four steps:
+
+1. **Align** (``align``): the same geometry is the identity; otherwise the test frame's own cell
+   means are matched against the recorded grid over scales 0.5-2x and every offset (normalised
+   cross-correlation of the low-resolution grids, FFT), then refined to a fraction of a cell.
+2. **Resample**: the test frame's display is averaged with the recorded Gaussian, scaled to the
+   test geometry, at the recorded cell centres mapped into it (``cell_means_at``); a cell whose
+   support leaves the test frame is not covered (a crop) and never scored.
+3. **Explain the global change** (``residuals``): the deviation ``test - recorded`` is fitted,
+   robustly (Huber IRLS), by what global benign processing does: an affine-quadratic change of
+   display level (window, gamma, clipping bias under noise), a blur (the recorded grid's
+   Laplacian) and a residual shift (its x and y gradients). A local edit moves a few cells and
+   does not fit that; it stays in the residual.
+4. **Normalise and pool**: each residual is divided by the scale benign processing leaves there:
+   a floor, the image's own robust residual scale (noise), growing with the local gradient and
+   curvature of the recorded grid (edges move most under JPEG, blur and resampling). The score of
+   an image is the largest of the cell z and the 2 x 2 block z (the signed sum over a block
+   divided by 2: an edit of two cells or more adds up coherently, noise does not).
+
+The constants of ``ScoringParams`` are calibrated on real validation images (never pydicom-data):
+``python -m medsec_edge.calibration.fingerprint_scoring`` prints them and its figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from medsec_edge.runtime.tamper.fingerprint import CellRegion, Fingerprint
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "Alignment",
+    "FingerprintScore",
+    "ScoringParams",
+    "align",
+    "cell_means_at",
+    "pixel_mask",
+    "score_displays",
+]
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """What benign processing leaves per cell, and where a deviation becomes an edit."""
+
+    floor: float = 0.6  # display levels: the least residual scale (quantisation, re-encoding)
+    gradient_gain: float = 0.08  # extra scale per display level of |gradient| between neighbour cells
+    curvature_gain: float = 0.05  # extra scale per display level of |Laplacian|
+    threshold: float = 9.0  # on the image score (z): above it, tampered
+    mask_fraction: float = 0.5  # a region's pixels are those above this share of its peak residual
+    min_covered: int = 16  # fewer covered cells than this: nothing can be said
+
+
+DEFAULT_PARAMS = ScoringParams()
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Where the test frame sits on the recorded one: recorded pixel = offset + test pixel / scale."""
+
+    scale: float
+    offset_y: float
+    offset_x: float
+    match: float  # normalised cross-correlation of the grids at this alignment (1: identical)
+    exact: bool  # same geometry, no search
+
+    def to_dict(self) -> dict:
+        return {"scale": round(self.scale, 4), "offset_y": round(self.offset_y, 2),
+                "offset_x": round(self.offset_x, 2), "match": round(self.match, 4), "exact": self.exact}
+
+
+@dataclass(frozen=True)
+class FingerprintScore:
+    """Per-frame residual z maps over the recorded grid and the image's verdict."""
+
+    score: float
+    tampered: bool
+    alignment: Alignment
+    z: np.ndarray = field(repr=False)  # frames x gh x gw, NaN where not covered
+    residual: np.ndarray = field(repr=False)  # display levels, NaN where not covered
+    score_maps: np.ndarray = field(repr=False, default=None)  # frames x gh x gw: max(|cell z|, |block z|)
+    alignments: tuple[Alignment, ...] = ()
+    covered_share: float = 1.0
+    noise_scale: float = 0.0  # the image's robust residual scale, display levels
+    regions: tuple[CellRegion, ...] = ()
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# resampling
+
+
+def _centres(n_pixels: int, cell: int) -> np.ndarray:
+    """Recorded cell centres along one axis, as ``fingerprint._gaussian_weights`` places them."""
+    n_cells = -(-n_pixels // cell)
+    return np.minimum((np.arange(n_cells, dtype=np.float64) + 0.5) * cell - 0.5, n_pixels - 1)
+
+
+def _weights_at(n_pixels: int, centres: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows normalised Gaussian weights, whether each centre's 3-sigma support is inside)."""
+    x = np.arange(n_pixels, dtype=np.float64)
+    d = (x[None, :] - centres[:, None]) / sigma
+    w = np.exp(-0.5 * d * d)
+    w[np.abs(d) > 3.0] = 0.0
+    total = w.sum(axis=1, keepdims=True)
+    inside = (centres - 3 * sigma >= -0.5) & (centres + 3 * sigma <= n_pixels - 0.5)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    return w.astype(np.float32), inside & (total[:, 0] > 0)
+
+
+class SmoothedFrame:
+    """A test frame Gaussian-smoothed once per sigma, sampled anywhere by bilinear interpolation.
+
+    The frame is box-averaged by ``b`` first (so the dense smoothing matrices stay small) and
+    smoothed with the sigma that makes box plus Gaussian the wanted one; sampling a field this
+    smooth bilinearly costs far less error than a display level. Alignment evaluates hundreds of
+    candidate placements: each is then a gather, not two products with the whole frame.
+    """
+
+    def __init__(self, display: np.ndarray) -> None:
+        self.display = np.asarray(display, dtype=np.float32)
+        self._cache: dict[float, tuple[np.ndarray, int]] = {}
+
+    def field(self, sigma: float) -> tuple[np.ndarray, int]:
+        key = round(sigma * 8) / 8  # 1/8 px steps: a sigma off by that changes a mean far below a level
+        if key not in self._cache:
+            b = max(1, int(key // 2))
+            h, w = self.display.shape
+            hb, wb = h // b, w // b
+            small = self.display[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
+            s2 = max(key * key - (b * b - 1) / 12.0, 0.25) ** 0.5 / b
+            wy, _ = _weights_at(hb, np.arange(hb, dtype=np.float64), s2)
+            wx, _ = _weights_at(wb, np.arange(wb, dtype=np.float64), s2)
+            if len(self._cache) >= 4:  # bounded memory: alignment visits a few sigmas at a time
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = ((wy @ small) @ wx.T, b)
+        return self._cache[key]
+
+    def sample(self, sigma: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Smoothed values at full-resolution coordinates ``ys`` (column) x ``xs`` (row)."""
+        f, b = self.field(sigma)
+        gy = np.clip((ys + 0.5) / b - 0.5, 0, f.shape[0] - 1)
+        gx = np.clip((xs + 0.5) / b - 0.5, 0, f.shape[1] - 1)
+        y0 = np.minimum(np.floor(gy).astype(int), f.shape[0] - 2) if f.shape[0] > 1 else np.zeros(gy.shape, int)
+        x0 = np.minimum(np.floor(gx).astype(int), f.shape[1] - 2) if f.shape[1] > 1 else np.zeros(gx.shape, int)
+        ty = (gy - y0)[:, None]
+        tx = (gx - x0)[None, :]
+        y1 = np.minimum(y0 + 1, f.shape[0] - 1)
+        x1 = np.minimum(x0 + 1, f.shape[1] - 1)
+        top = f[y0][:, x0] * (1 - tx) + f[y0][:, x1] * tx
+        bottom = f[y1][:, x0] * (1 - tx) + f[y1][:, x1] * tx
+        return (top * (1 - ty) + bottom * ty).astype(np.float32)
+
+
+def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: tuple[int, int],
+                  alignment: Alignment) -> tuple[np.ndarray, np.ndarray]:
+    """The test display averaged like the recorded cells, at their centres mapped into it.
+
+    Returns (means gh x gw float32, covered bool gh x gw). With an exact alignment the weights
+    are the recorded ones (borders normalised alike), so every cell is covered; otherwise a cell
+    is covered when its 3-sigma support lies inside the test frame.
+    """
+    cy = _centres(recorded_hw[0], cell)
+    cx = _centres(recorded_hw[1], cell)
+    sigma = cell / 2.0
+    if alignment.exact:
+        plain = display.display if isinstance(display, SmoothedFrame) else np.asarray(display, dtype=np.float32)
+        h, w = plain.shape
+        wy, _ = _weights_at(h, cy, sigma)
+        wx, _ = _weights_at(w, cx, sigma)
+        return (wy @ plain) @ wx.T, np.ones((cy.size, cx.size), dtype=bool)
+    frame = display if isinstance(display, SmoothedFrame) else SmoothedFrame(display)
+    h, w = frame.display.shape
+    s = alignment.scale
+    ys = (cy - alignment.offset_y) * s
+    xs = (cx - alignment.offset_x) * s
+    reach = 3 * sigma * s
+    iy = (ys - reach >= -0.5) & (ys + reach <= h - 0.5)
+    ix = (xs - reach >= -0.5) & (xs + reach <= w - 0.5)
+    return frame.sample(sigma * s, ys, xs), iy[:, None] & ix[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# alignment
+
+
+def _ncc_offsets(big: np.ndarray, small: np.ndarray) -> tuple[float, int, int]:
+    """Best placement of ``small`` inside ``big`` (all offsets where it overlaps by >= half its
+    area), by normalised cross-correlation over the overlap: (ncc, dy, dx) with big[dy+i, dx+j]
+    ~ small[i, j]."""
+    bh, bw = big.shape
+    sh, sw = small.shape
+    ph, pw = bh + sh, bw + sw
+    fshape = (int(2 ** math.ceil(math.log2(ph))), int(2 ** math.ceil(math.log2(pw))))
+    ones_b = np.ones_like(big)
+    ones_s = np.ones_like(small)
+
+    def corr(a, b):
+        return np.fft.irfft2(np.fft.rfft2(a, fshape) * np.conj(np.fft.rfft2(b, fshape)), fshape)
+
+    n = corr(ones_b, ones_s)
+    sb = corr(big, ones_s)
+    ss = corr(ones_b, small)
+    sbb = corr(big * big, ones_s)
+    sss = corr(ones_b, small * small)
+    sbs = corr(big, small)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cov = sbs - sb * ss / n
+        vb = sbb - sb * sb / n
+        vs = sss - ss * ss / n
+        ncc = cov / np.sqrt(np.maximum(vb, 1e-6) * np.maximum(vs, 1e-6))
+    ncc[n < 0.5 * small.size - 0.5] = -np.inf
+    ncc[~np.isfinite(ncc)] = -np.inf
+    idx = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    dy = idx[0] if idx[0] < bh else idx[0] - fshape[0]
+    dx = idx[1] if idx[1] < bw else idx[1] - fshape[1]
+    return float(ncc[idx]), int(dy), int(dx)
+
+
+def _test_grid(display: np.ndarray, step: float) -> np.ndarray:
+    """The test display box-averaged over ``step`` pixels (the recorded cell, scaled): cheap, and
+    close enough to the recorded Gaussian means for a coarse search."""
+    h, w = display.shape
+    gh, gw = max(1, int(h // step)), max(1, int(w // step))
+    img = Image.fromarray(np.ascontiguousarray(display[: int(gh * step), : int(gw * step)], dtype=np.float32),
+                          mode="F")
+    return np.asarray(img.resize((gw, gh), Image.Resampling.BOX), dtype=np.float64)
+
+
+def _match_at(display: SmoothedFrame, recorded: np.ndarray, cell: int, recorded_hw, alignment: Alignment,
+              ) -> float:
+    means, covered = cell_means_at(display, cell, recorded_hw, alignment)
+    if covered.sum() < 16:
+        return -1.0
+    a = means[covered].astype(np.float64)
+    b = recorded[covered].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else -1.0
+
+
+def _refine(display: SmoothedFrame, recorded: np.ndarray, cell: int, recorded_hw, start: Alignment,
+            iterations: int = 6) -> Alignment:
+    """Gauss-Newton on (scale, offsets) with a photometric gain and bias: the grid at the current
+    alignment is linearised by finite differences and the step that best explains the recorded
+    grid is taken, while it improves the match (Lucas-Kanade on the cell grid)."""
+    current = start
+    best = _match_at(display, recorded, cell, recorded_hw, current)
+    h_px, h_log = 0.25, 0.002
+    for _ in range(iterations):
+        base, covered = cell_means_at(display, cell, recorded_hw, current)
+        probes = (Alignment(current.scale, current.offset_y + h_px, current.offset_x, 0.0, False),
+                  Alignment(current.scale, current.offset_y, current.offset_x + h_px, 0.0, False),
+                  Alignment(current.scale * math.exp(h_log), current.offset_y, current.offset_x, 0.0, False))
+        cols, mask = [], covered.copy()
+        for probe, h in zip(probes, (h_px, h_px, h_log)):
+            moved, cov = cell_means_at(display, cell, recorded_hw, probe)
+            mask &= cov
+            cols.append((moved - base) / h)
+        if mask.sum() < 16:
+            break
+        y = recorded[mask].astype(np.float64)
+        a = np.stack([base[mask], np.ones(int(mask.sum()))] + [c[mask] for c in cols], axis=1).astype(np.float64)
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        gain = coef[0] if abs(coef[0]) > 1e-6 else 1.0
+        # recorded ~ gain * (base + J step) + bias: the geometric step is coef[2:] / gain
+        dy, dx, ds = (coef[2:] / gain).tolist()
+        dy, dx = float(np.clip(dy, -cell, cell)), float(np.clip(dx, -cell, cell))
+        ds = float(np.clip(ds, -0.05, 0.05))
+        cand = Alignment(current.scale * math.exp(ds), current.offset_y + dy, current.offset_x + dx, 0.0, False)
+        m = _match_at(display, recorded, cell, recorded_hw, cand)
+        if m <= best + 1e-7:
+            break
+        current, best = cand, m
+        if abs(dy) < 0.02 and abs(dx) < 0.02 and abs(ds) < 1e-4:
+            break
+    return Alignment(current.scale, current.offset_y, current.offset_x, best, False)
+
+
+def align(recorded: np.ndarray, cell: int, recorded_hw: tuple[int, int], display: np.ndarray,
+          *, scale_hint: float | None = None) -> Alignment | None:
+    """Where ``display`` (one test frame, display levels) sits on the recorded frame.
+
+    Same size: the identity. Otherwise a search over scales 0.5-2x (or around ``scale_hint``)
+    and offsets at cell resolution by normalised cross-correlation of the grids, then a
+    Gauss-Newton refinement of scale and offsets (``_refine``). None if nothing matches.
+    """
+    if tuple(display.shape) == tuple(recorded_hw):
+        return Alignment(1.0, 0.0, 0.0, 1.0, True)
+    rec = recorded.astype(np.float64)
+    if scale_hint is not None:
+        scales = scale_hint * np.exp(np.linspace(-0.06, 0.06, 5))
+    else:
+        scales = np.exp(np.linspace(math.log(0.45), math.log(2.2), 33))
+    found = []
+    for s in scales:
+        grid = _test_grid(display, cell * s)
+        if min(grid.shape) < 4:
+            continue
+        ncc, dy, dx = _ncc_offsets(rec, grid.astype(np.float64))
+        if np.isfinite(ncc):
+            found.append((ncc, float(s), dy, dx))
+    if not found:
+        return None
+    frame = SmoothedFrame(display)
+    best = None
+    for ncc, s, dy, dx in sorted(found, reverse=True)[:2]:
+        # the test grid's sample i sits at test pixel (i + 0.5) * cell * s - 0.5, i.e. recorded
+        # pixel offset + that / s; the recorded cell dy + i sits at (dy + i + 0.5) * cell - 0.5
+        off_y = (dy + 0.5) * cell - 0.5 - (0.5 * cell * s - 0.5) / s
+        off_x = (dx + 0.5) * cell - 0.5 - (0.5 * cell * s - 0.5) / s
+        refined = _refine(frame, recorded, cell, recorded_hw, Alignment(s, off_y, off_x, 0.0, False))
+        if best is None or refined.match > best.match:
+            best = refined
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# residuals and scores
+
+
+def _structure(recorded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient y, gradient x and Laplacian of the recorded grid (display levels per cell)."""
+    padded = np.pad(recorded.astype(np.float64), 1, mode="edge")
+    gy = (padded[2:, 1:-1] - padded[:-2, 1:-1]) / 2
+    gx = (padded[1:-1, 2:] - padded[1:-1, :-2]) / 2
+    lap = padded[2:, 1:-1] + padded[:-2, 1:-1] + padded[1:-1, 2:] + padded[1:-1, :-2] - 4 * padded[1:-1, 1:-1]
+    return gy, gx, lap
+
+
+def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """``test - recorded`` less its robust fit by global benign change (NaN where not covered)."""
+    rec = recorded.astype(np.float64)
+    d = test.astype(np.float64) - rec
+    out = np.full(rec.shape, np.nan)
+    if not covered.any():
+        return out
+    gy, gx, lap = _structure(rec)
+    v = rec / 255.0
+    features = np.stack([np.ones_like(v), v, v * v, gy / 16, gx / 16, lap / 16], axis=-1)[covered]
+    y = d[covered]
+    if y.size < 4 * features.shape[1]:
+        features = features[:, :1]
+    weights = np.ones_like(y)
+    coef = np.zeros(features.shape[1])
+    # Huber first (a stable start), then Tukey's biweight: an edit covering a quarter of a small
+    # frame gets weight zero instead of pulling the fit towards itself
+    for iteration in range(6):
+        sw = np.sqrt(weights)
+        coef, *_ = np.linalg.lstsq(features * sw[:, None], y * sw, rcond=None)
+        r = y - features @ coef
+        scale = max(1.4826 * float(np.median(np.abs(r))), 0.25)
+        a = np.abs(r)
+        if iteration < 2:
+            k = 1.5 * scale
+            weights = np.where(a <= k, 1.0, k / np.maximum(a, 1e-12))
+        else:
+            u = a / (4.685 * scale)
+            weights = np.where(u < 1.0, (1.0 - u * u) ** 2, 0.0)
+            if weights.sum() < features.shape[1] * 4:
+                break
+    out[covered] = y - features @ coef
+    return out
+
+
+def _scale_map(recorded: np.ndarray, params: ScoringParams) -> np.ndarray:
+    gy, gx, lap = _structure(recorded)
+    grad = np.hypot(gy, gx)
+    return np.sqrt(1.0 + (params.gradient_gain * grad) ** 2 + (params.curvature_gain * lap) ** 2)
+
+
+def _block_z(z: np.ndarray) -> np.ndarray:
+    """Signed sum of z over each 2 x 2 block, / 2 (NaN cells count 0), at the block's top-left."""
+    zz = np.nan_to_num(z, nan=0.0)
+    padded = np.pad(zz, ((0, 1), (0, 1)))
+    return (padded[:-1, :-1] + padded[1:, :-1] + padded[:-1, 1:] + padded[1:, 1:]) / 2.0
+
+
+def frame_z(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray, params: ScoringParams,
+            ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """(z map, residual map, noise scale, image-score map) for one frame."""
+    r = residuals(recorded, test, covered)
+    rel = _scale_map(recorded, params)
+    u = np.abs(r[covered]) / rel[covered]
+    noise = max(params.floor, 1.4826 * float(np.median(u))) if u.size else params.floor
+    z = r / (noise * rel)
+    cell_score = np.abs(np.nan_to_num(z, nan=0.0))
+    block = np.abs(_block_z(z))
+    return z, r, noise, np.maximum(cell_score, block)
+
+
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected labels of a boolean grid (0 = background) and their count."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    n = 0
+    for i, j in zip(*np.nonzero(mask)):
+        if labels[i, j]:
+            continue
+        n += 1
+        labels[i, j] = n
+        stack = [(int(i), int(j))]
+        while stack:
+            a, b = stack.pop()
+            for y in range(max(a - 1, 0), min(a + 2, mask.shape[0])):
+                for x in range(max(b - 1, 0), min(b + 2, mask.shape[1])):
+                    if mask[y, x] and not labels[y, x]:
+                        labels[y, x] = n
+                        stack.append((y, x))
+    return labels, n
+
+
+def _regions(score_map: np.ndarray, residual: np.ndarray, frame: int, threshold: float, cell: int,
+             hw: tuple[int, int]) -> list[CellRegion]:
+    """Connected flagged cells as boxes in recorded pixels (a block score speaks for 2 x 2 cells)."""
+    labels, n = _label(score_map > threshold)
+    found = []
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        block = residual[ys.min(): ys.max() + 2, xs.min(): xs.max() + 2]
+        peak = float(np.nanmax(np.abs(block))) if np.isfinite(block).any() else 0.0
+        found.append(CellRegion(frame=frame, y0=int(ys.min()) * cell, x0=int(xs.min()) * cell,
+                                y1=min((int(ys.max()) + 2) * cell, hw[0]), x1=min((int(xs.max()) + 2) * cell, hw[1]),
+                                peak=peak, cells=int(ys.size)))
+    return found
+
+
+def pixel_mask(result: FingerprintScore, frame: int, cell: int, test_hw: tuple[int, int],
+               params: ScoringParams = DEFAULT_PARAMS, alignment: Alignment | None = None) -> np.ndarray:
+    """Bool (H, W) in the test frame's pixels: inside each flagged region, the pixels whose
+    interpolated residual reaches ``mask_fraction`` of the region's peak (an edit's smoothed
+    profile crosses half its height at its border)."""
+    alignment = alignment or result.alignment
+    h, w = test_hw
+    residual = np.nan_to_num(result.residual[frame].astype(np.float64), nan=0.0)
+    flagged = result.score_maps[frame] > params.threshold
+    if not flagged.any():
+        return np.zeros((h, w), dtype=bool)
+    labels, n = _label(flagged)
+    # each region reaches one cell further (a block score speaks for its 2 x 2 cells)
+    grown = labels.copy()
+    for dy in (0, 1):
+        for dx in (0, 1):
+            shifted = np.zeros_like(labels)
+            shifted[dy:, dx:] = labels[: labels.shape[0] - dy, : labels.shape[1] - dx]
+            grown = np.where(grown == 0, shifted, grown)
+    peaks = np.zeros(n + 1)
+    for k in range(1, n + 1):
+        peaks[k] = np.abs(residual[grown == k]).max()
+    # recorded pixel of each test pixel, then its grid coordinate
+    ry = (np.arange(h, dtype=np.float64) / alignment.scale + alignment.offset_y + 0.5) / cell - 0.5
+    rx = (np.arange(w, dtype=np.float64) / alignment.scale + alignment.offset_x + 0.5) / cell - 0.5
+    gh, gw = residual.shape
+    ry = np.clip(ry, 0, gh - 1)
+    rx = np.clip(rx, 0, gw - 1)
+    y0 = np.minimum(np.floor(ry).astype(int), max(gh - 2, 0))
+    x0 = np.minimum(np.floor(rx).astype(int), max(gw - 2, 0))
+    y1, x1 = np.minimum(y0 + 1, gh - 1), np.minimum(x0 + 1, gw - 1)
+    ty, tx = (ry - y0)[:, None], (rx - x0)[None, :]
+    a = np.abs(residual)
+    interp = (a[y0][:, x0] * (1 - ty) * (1 - tx) + a[y0][:, x1] * (1 - ty) * tx
+              + a[y1][:, x0] * ty * (1 - tx) + a[y1][:, x1] * ty * tx)
+    near = grown[np.clip(np.rint(ry).astype(int), 0, gh - 1)][:, np.clip(np.rint(rx).astype(int), 0, gw - 1)]
+    return (near > 0) & (interp >= params.mask_fraction * peaks[near])
+
+
+def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: ScoringParams = DEFAULT_PARAMS,
+                   alignments: list[Alignment] | None = None) -> FingerprintScore:
+    """Score test frames (display levels 0..255, one per recorded frame) against ``fp``."""
+    if len(displays) != fp.n_frames:
+        raise ValueError(f"{len(displays)} frames, the fingerprint has {fp.n_frames}")
+    values = fp.values
+    zs, rs, maps, scores, regions = [], [], [], [], []
+    covered_total, noises, used = 0, [], []
+    for i, display in enumerate(displays):
+        nan = np.full(values[i].shape, np.nan, dtype=np.float32)
+        alignment = alignments[i] if alignments is not None else align(values[i], fp.cell, fp.shape_hw, display)
+        means, covered = (None, None) if alignment is None else cell_means_at(display, fp.cell, fp.shape_hw,
+                                                                              alignment)
+        if alignment is None or covered.sum() < params.min_covered:
+            used.append(alignment or Alignment(1.0, 0.0, 0.0, -1.0, False))
+            zs.append(nan)
+            rs.append(nan)
+            maps.append(np.zeros(values[i].shape, dtype=np.float32))
+            continue
+        used.append(alignment)
+        z, r, noise, smap = frame_z(values[i], means, covered, params)
+        covered_total += int(covered.sum())
+        noises.append(noise)
+        zs.append(z.astype(np.float32))
+        rs.append(r.astype(np.float32))
+        maps.append(smap.astype(np.float32))
+        scores.append(float(smap.max()))
+        regions.extend(_regions(smap, r, i, params.threshold, fp.cell, fp.shape_hw))
+    n_cells = values[0].size * fp.n_frames
+    if not scores:
+        return FingerprintScore(
+            score=float("nan"), tampered=False, alignment=used[0], z=np.stack(zs), residual=np.stack(rs),
+            score_maps=np.stack(maps), alignments=tuple(used), covered_share=0.0,
+            reason="the image under test could not be aligned with the recorded fingerprint")
+    score = max(scores)
+    return FingerprintScore(
+        score=score, tampered=score > params.threshold, alignment=used[0], z=np.stack(zs), residual=np.stack(rs),
+        score_maps=np.stack(maps), alignments=tuple(used), covered_share=covered_total / n_cells,
+        noise_scale=float(np.median(noises)), regions=tuple(sorted(regions, key=lambda r: -r.peak)))
