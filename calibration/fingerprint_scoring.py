@@ -59,6 +59,7 @@ class Sample:
     contrast: float
     residual: np.ndarray  # display levels over the recorded grid, NaN where not covered
     covered: np.ndarray
+    laplacian: np.ndarray  # the test frame's smoothed Laplacian at the cell centres
 
 
 def _display_u8(display: np.ndarray) -> np.ndarray:
@@ -142,10 +143,10 @@ def _residual(fp, display: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     alignment = align(fp.values[0], fp.cell, fp.shape_hw, display)
     if alignment is None:
         return None
-    means, covered = cell_means_at(display, fp.cell, fp.shape_hw, alignment)
+    means, covered, lap = cell_means_at(display, fp.cell, fp.shape_hw, alignment, laplacian=True)
     if covered.sum() < 16:
         return None
-    return residuals(fp.values[0], means, covered).astype(np.float32), covered
+    return residuals(fp.values[0], means, covered, lap).astype(np.float32), covered, lap.astype(np.float32)
 
 
 def build_samples(frames, *, seed: int, per_step: int = 1, progress=None) -> tuple[list, list[Sample]]:
@@ -199,11 +200,9 @@ def build_samples(frames, *, seed: int, per_step: int = 1, progress=None) -> tup
 
 def scores(fps, samples: list[Sample], params: ScoringParams) -> np.ndarray:
     out = np.empty(len(samples))
-    rel_cache = {}
     for i, s in enumerate(samples):
-        if s.frame not in rel_cache:
-            rel_cache[s.frame] = _scale_map(fps[s.frame][1].values[0], params)
-        rel = rel_cache[s.frame]
+        fp = fps[s.frame][1]
+        rel = _scale_map(fp.values[0], params, s.laplacian, fp.cell)
         u = np.abs(s.residual[s.covered]) / rel[s.covered]
         noise = max(params.floor, 1.4826 * float(np.median(u)))
         z = s.residual / (noise * rel)
@@ -239,7 +238,7 @@ def search(fps, samples: list[Sample], *, quantile_kept: float = 0.999) -> Scori
     target = [i for i, s in enumerate(samples) if s.setting == "kept" and s.size == 16 and s.contrast == 0.03]
     for floor in (0.3, 0.45, 0.6, 0.8):
         for gg in (0.0, 0.01, 0.02, 0.04):
-            for cg in (0.0, 0.01, 0.02, 0.04):
+            for cg in (0.0, 0.02, 0.04, 0.08):
                 p = ScoringParams(floor=floor, gradient_gain=gg, curvature_gain=cg)
                 sc = scores(fps, samples, p)
                 thr = float(np.quantile(sc[kept_neg], quantile_kept)) if kept_neg else 9.0

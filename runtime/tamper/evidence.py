@@ -18,7 +18,7 @@ tried and could not decide leaves a reason a person can read.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,7 +27,13 @@ from medsec_edge.runtime.errors import InputError
 from medsec_edge.runtime.io.dicom_writer import read_fingerprint
 from medsec_edge.runtime.io.image import MedicalImage, display_window
 from medsec_edge.runtime.tamper.checker import MAX_REGIONS, Region, TamperChecker, TamperVerdict
-from medsec_edge.runtime.tamper.fingerprint import Fingerprint, FrameWindow, display_frames, verify_fingerprint
+from medsec_edge.runtime.tamper.fingerprint import (
+    Fingerprint,
+    FrameWindow,
+    display_frames,
+    signed_key_id,
+    verify_fingerprint,
+)
 from medsec_edge.runtime.tamper.scoring import DEFAULT_PARAMS, FingerprintScore, ScoringParams, pixel_mask, score_displays
 
 __all__ = ["CheckVerdict", "SealEvidence", "check_image", "seal_evidence"]
@@ -159,9 +165,10 @@ class _Compared:
     fp: Fingerprint
     result: FingerprintScore
     displays: list[np.ndarray]
+    key_id: str = ""
 
 
-def _compare(fp: Fingerprint, image: MedicalImage, params: ScoringParams) -> _Compared | str:
+def _compare(fp: Fingerprint, image: MedicalImage, params: ScoringParams, key_id: str) -> _Compared | str:
     displays = _frames_for(test_displays(image, fp), fp)
     if displays is None:
         return (f"the image has {image.n_frames} frame(s), the fingerprint {fp.n_frames}: "
@@ -169,7 +176,7 @@ def _compare(fp: Fingerprint, image: MedicalImage, params: ScoringParams) -> _Co
     result = score_displays(fp, displays, params=params)
     if not np.isfinite(result.score):
         return result.reason or "not comparable with the recorded fingerprint"
-    return _Compared(fp, result, displays)
+    return _Compared(fp, result, displays, key_id)
 
 
 def _verdict_from(compared: _Compared, evidence: str, seal: SealEvidence | None, reasons: list[str],
@@ -192,27 +199,34 @@ def _verdict_from(compared: _Compared, evidence: str, seal: SealEvidence | None,
     else:
         reasons.append(f"matches the recorded fingerprint up to benign processing "
                        f"(score {result.score:.1f} <= {params.threshold:g})")
-    detail = {"key_id": None, "score": round(result.score, 3), "threshold": params.threshold,
+    detail = {"key_id": compared.key_id or None, "score": round(result.score, 3), "threshold": params.threshold,
               "alignment": result.alignment.to_dict(), "covered": round(result.covered_share, 4),
               "noise_levels": round(result.noise_scale, 3)}
     return CheckVerdict(result.tampered, evidence, tuple(reasons), seal, None, timings, float(result.score),
                         masks, tuple(regions), detail)
 
 
-def _header_fingerprint(image: MedicalImage, verifiers, reasons: list[str]) -> Fingerprint | None:
+def _verified(blob: bytes, verifiers) -> tuple[Fingerprint | None, str]:
+    """(the fingerprint if a key of ``verifiers`` signed it, else None; the key id it names)."""
+    key_id = signed_key_id(blob)
+    return verify_fingerprint(blob, _as_verifiers(verifiers)), key_id
+
+
+def _header_fingerprint(image: MedicalImage, verifiers, reasons: list[str]) -> tuple[Fingerprint | None, str]:
     if image.dataset is None or verifiers is None:
-        return None
+        return None, ""
     blob = read_fingerprint(image.dataset)
     if blob is None:
-        return None
+        return None, ""
     try:
-        fp = verify_fingerprint(blob, _as_verifiers(verifiers))
+        fp, key_id = _verified(blob, verifiers)
     except InputError as exc:
         reasons.append(f"fingerprint in the file is unreadable ({exc})")
-        return None
+        return None, ""
     if fp is None:
-        reasons.append("fingerprint in the file is not signed by a key of this key set: not used")
-    return fp
+        reasons.append(f"fingerprint in the file is signed by key {key_id}, which this key set does not "
+                       "hold, or does not verify: not used")
+    return fp, key_id
 
 
 def _registry_candidates(image: MedicalImage, checker: TamperChecker, registry, reasons: list[str]):
@@ -237,13 +251,13 @@ def _from_registry(image, checker, registry, verifiers, params, reasons) -> _Com
     best = None
     for entry in _registry_candidates(image, checker, registry, reasons):
         try:
-            fp = verify_fingerprint(entry.fingerprint, _as_verifiers(verifiers)) if verifiers is not None else None
+            fp, key_id = _verified(entry.fingerprint, verifiers) if verifiers is not None else (None, "")
         except InputError:
-            fp = None
+            fp, key_id = None, ""
         if fp is None:
             reasons.append("a registry entry's fingerprint is not signed by this key set: not used")
             continue
-        compared = _compare(fp, image, params)
+        compared = _compare(fp, image, params, key_id)
         if isinstance(compared, str):
             reasons.append(f"registry entry not comparable: {compared}")
             continue
@@ -272,9 +286,9 @@ def check_image(image: MedicalImage, checker: TamperChecker, verifiers=None,
         reasons.append(_seal_reason(seal))
 
     t1 = time.perf_counter()
-    fp = _header_fingerprint(image, verifiers, reasons)
+    fp, key_id = _header_fingerprint(image, verifiers, reasons)
     if fp is not None:
-        compared = _compare(fp, image, params)
+        compared = _compare(fp, image, params, key_id)
         if isinstance(compared, _Compared):
             timings["fingerprint_ms"] = (time.perf_counter() - t1) * 1e3
             timings["total_ms"] = (time.perf_counter() - t0) * 1e3
@@ -283,11 +297,12 @@ def check_image(image: MedicalImage, checker: TamperChecker, verifiers=None,
 
     if registry is not None:
         t2 = time.perf_counter()
-        compared = _from_registry(image, checker, registry, verifiers, params, reasons)
+        exported = replace(params, threshold=params.registry_threshold)  # calibrated for exports
+        compared = _from_registry(image, checker, registry, verifiers, exported, reasons)
         timings["registry_ms"] = (time.perf_counter() - t2) * 1e3
         if compared is not None:
             timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-            return _verdict_from(compared, "registry", seal, reasons, params, timings)
+            return _verdict_from(compared, "registry", seal, reasons, exported, timings)
 
     blind = checker.check(image, operating_point)
     reasons = list(blind.reasons) + reasons

@@ -350,13 +350,16 @@ def _signed_message(key_id: str, body: bytes) -> bytes:
 
 
 def sign_fingerprint(fp: Fingerprint, signer: SealSigner) -> bytes:
-    """``MEFS`` + key id (16 ASCII hex) + Ed25519 signature (64) + the fingerprint's bytes."""
+    """``MEFS`` + key id (16 ASCII hex) + Ed25519 signature (64) + body length (u32 LE) + the
+    fingerprint's bytes + one NUL if that makes the length odd: DICOM pads an OB value to an even
+    length, so the envelope says where the body ends and tolerates exactly that pad."""
     key_id = signer.key_id
     if len(key_id) != _KEY_ID_CHARS or not key_id.isascii():
         raise InputError(f"seal key id must be {_KEY_ID_CHARS} ASCII characters")
     body = fp.to_bytes()
     signature = signer.sign(_signed_message(key_id, body))
-    return _SIG_MAGIC + key_id.encode("ascii") + signature + body
+    blob = _SIG_MAGIC + key_id.encode("ascii") + signature + _LENGTH.pack(len(body)) + body
+    return blob + b"\0" * (len(blob) % 2)
 
 
 def _verifier_map(verifiers: Mapping[str, SealVerifier] | Iterable[SealVerifier] | SealVerifier):
@@ -393,7 +396,14 @@ def verify_fingerprint(blob: bytes,
         return None
     head = len(_SIG_MAGIC) + _KEY_ID_CHARS
     signature = blob[head: head + _SIGNATURE_BYTES]
-    body = blob[head + _SIGNATURE_BYTES:]
+    start = head + _SIGNATURE_BYTES + _LENGTH.size
+    if len(blob) < start:
+        raise InputError("signed fingerprint is truncated before its body")
+    (length,) = _LENGTH.unpack_from(blob, head + _SIGNATURE_BYTES)
+    body, pad = blob[start: start + length], blob[start + length:]
+    if len(body) != length or pad not in (b"", b"\0"):
+        raise InputError(f"signed fingerprint says {length} body bytes, {len(blob) - start} follow: "
+                         "truncated or padded")
     if not verifier.verify(signature, _signed_message(key_id, body)):
         return None
     return Fingerprint.from_bytes(body)

@@ -54,7 +54,8 @@ class ScoringParams:
     floor: float = 0.6  # display levels: the least residual scale (quantisation, re-encoding)
     gradient_gain: float = 0.08  # extra scale per display level of |gradient| between neighbour cells
     curvature_gain: float = 0.05  # extra scale per display level of |Laplacian|
-    threshold: float = 9.0  # on the image score (z): above it, tampered
+    threshold: float = 9.0  # on the image score (z): above it, tampered (header kept: fingerprint in the file)
+    registry_threshold: float = 9.0  # the same for an export compared through the registry (FPR 1% target)
     mask_fraction: float = 0.5  # a region's pixels are those above this share of its peak residual
     min_covered: int = 16  # fewer covered cells than this: nothing can be said
 
@@ -104,8 +105,9 @@ def _centres(n_pixels: int, cell: int) -> np.ndarray:
     return np.minimum((np.arange(n_cells, dtype=np.float64) + 0.5) * cell - 0.5, n_pixels - 1)
 
 
-def _weights_at(n_pixels: int, centres: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rows normalised Gaussian weights, whether each centre's 3-sigma support is inside)."""
+def _weights_at(n_pixels: int, centres: np.ndarray, sigma: float, *, second: bool = False):
+    """(rows normalised Gaussian weights, whether each centre's 3-sigma support is inside), and
+    with ``second`` also the weights of the Gaussian's second derivative (same normalisation)."""
     x = np.arange(n_pixels, dtype=np.float64)
     d = (x[None, :] - centres[:, None]) / sigma
     w = np.exp(-0.5 * d * d)
@@ -113,7 +115,10 @@ def _weights_at(n_pixels: int, centres: np.ndarray, sigma: float) -> tuple[np.nd
     total = w.sum(axis=1, keepdims=True)
     inside = (centres - 3 * sigma >= -0.5) & (centres + 3 * sigma <= n_pixels - 0.5)
     w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
-    return w.astype(np.float32), inside & (total[:, 0] > 0)
+    if not second:
+        return w.astype(np.float32), inside & (total[:, 0] > 0)
+    w2 = w * (d * d - 1.0) / (sigma * sigma)
+    return w.astype(np.float32), inside & (total[:, 0] > 0), w2.astype(np.float32)
 
 
 class SmoothedFrame:
@@ -144,9 +149,20 @@ class SmoothedFrame:
             self._cache[key] = ((wy @ small) @ wx.T, b)
         return self._cache[key]
 
+    def laplacian(self, sigma: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Laplacian of the smoothed frame (levels per px^2) at ``ys`` x ``xs``."""
+        f, b = self.field(sigma)
+        p = np.pad(f, 1, mode="edge")
+        lap = (p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * f) / (b * b)
+        return self._bilinear(lap, b, ys, xs)
+
     def sample(self, sigma: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Smoothed values at full-resolution coordinates ``ys`` (column) x ``xs`` (row)."""
         f, b = self.field(sigma)
+        return self._bilinear(f, b, ys, xs)
+
+    @staticmethod
+    def _bilinear(f: np.ndarray, b: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         gy = np.clip((ys + 0.5) / b - 0.5, 0, f.shape[0] - 1)
         gx = np.clip((xs + 0.5) / b - 0.5, 0, f.shape[1] - 1)
         y0 = np.minimum(np.floor(gy).astype(int), f.shape[0] - 2) if f.shape[0] > 1 else np.zeros(gy.shape, int)
@@ -161,12 +177,14 @@ class SmoothedFrame:
 
 
 def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: tuple[int, int],
-                  alignment: Alignment) -> tuple[np.ndarray, np.ndarray]:
+                  alignment: Alignment, *, laplacian: bool = False):
     """The test display averaged like the recorded cells, at their centres mapped into it.
 
-    Returns (means gh x gw float32, covered bool gh x gw). With an exact alignment the weights
-    are the recorded ones (borders normalised alike), so every cell is covered; otherwise a cell
-    is covered when its 3-sigma support lies inside the test frame.
+    Returns (means gh x gw float32, covered bool gh x gw), and with ``laplacian`` also the
+    Laplacian of the smoothed test frame there (levels per px^2: what a blur changes a mean by,
+    times half its variance). With an exact alignment the weights are the recorded ones (borders
+    normalised alike), so every cell is covered; otherwise a cell is covered when its 3-sigma
+    support lies inside the test frame.
     """
     cy = _centres(recorded_hw[0], cell)
     cx = _centres(recorded_hw[1], cell)
@@ -174,9 +192,15 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
     if alignment.exact:
         plain = display.display if isinstance(display, SmoothedFrame) else np.asarray(display, dtype=np.float32)
         h, w = plain.shape
-        wy, _ = _weights_at(h, cy, sigma)
-        wx, _ = _weights_at(w, cx, sigma)
-        return (wy @ plain) @ wx.T, np.ones((cy.size, cx.size), dtype=bool)
+        covered = np.ones((cy.size, cx.size), dtype=bool)
+        if not laplacian:
+            wy, _ = _weights_at(h, cy, sigma)
+            wx, _ = _weights_at(w, cx, sigma)
+            return (wy @ plain) @ wx.T, covered
+        wy, _, wy2 = _weights_at(h, cy, sigma, second=True)
+        wx, _, wx2 = _weights_at(w, cx, sigma, second=True)
+        rows, rows2 = wy @ plain, wy2 @ plain
+        return rows @ wx.T, covered, rows2 @ wx.T + rows @ wx2.T
     frame = display if isinstance(display, SmoothedFrame) else SmoothedFrame(display)
     h, w = frame.display.shape
     s = alignment.scale
@@ -185,7 +209,11 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
     reach = 3 * sigma * s
     iy = (ys - reach >= -0.5) & (ys + reach <= h - 0.5)
     ix = (xs - reach >= -0.5) & (xs + reach <= w - 0.5)
-    return frame.sample(sigma * s, ys, xs), iy[:, None] & ix[None, :]
+    covered = iy[:, None] & ix[None, :]
+    if not laplacian:
+        return frame.sample(sigma * s, ys, xs), covered
+    # per test px^2; in recorded px^2 (what the fit compares across images) times s^2
+    return frame.sample(sigma * s, ys, xs), covered, frame.laplacian(sigma * s, ys, xs) * (s * s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,8 +365,13 @@ def _structure(recorded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return gy, gx, lap
 
 
-def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """``test - recorded`` less its robust fit by global benign change (NaN where not covered)."""
+def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray,
+              test_laplacian: np.ndarray | None = None) -> np.ndarray:
+    """``test - recorded`` less its robust fit by global benign change (NaN where not covered).
+
+    ``test_laplacian`` (from ``cell_means_at``) lets the fit explain a global blur or resampling
+    at the pixel scale, where the grid's own Laplacian (cells 8 px apart) sees fine detail poorly.
+    """
     rec = recorded.astype(np.float64)
     d = test.astype(np.float64) - rec
     out = np.full(rec.shape, np.nan)
@@ -346,7 +379,10 @@ def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray) -> np
         return out
     gy, gx, lap = _structure(rec)
     v = rec / 255.0
-    features = np.stack([np.ones_like(v), v, v * v, gy / 16, gx / 16, lap / 16], axis=-1)[covered]
+    columns = [np.ones_like(v), v, v * v, gy / 16, gx / 16, lap / 16]
+    if test_laplacian is not None:
+        columns.append(np.asarray(test_laplacian, dtype=np.float64))
+    features = np.stack(columns, axis=-1)[covered]
     y = d[covered]
     if y.size < 4 * features.shape[1]:
         features = features[:, :1]
@@ -372,9 +408,14 @@ def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray) -> np
     return out
 
 
-def _scale_map(recorded: np.ndarray, params: ScoringParams) -> np.ndarray:
+def _scale_map(recorded: np.ndarray, params: ScoringParams, test_laplacian: np.ndarray | None = None,
+               cell: int = 8) -> np.ndarray:
+    """Relative residual scale per cell: 1, more on edges (gradient) and fine detail (the test
+    frame's pixel-scale Laplacian, in levels over a cell's variance, else the grid's)."""
     gy, gx, lap = _structure(recorded)
     grad = np.hypot(gy, gx)
+    if test_laplacian is not None:
+        lap = np.nan_to_num(np.asarray(test_laplacian, dtype=np.float64)) * (cell / 2.0) ** 2
     return np.sqrt(1.0 + (params.gradient_gain * grad) ** 2 + (params.curvature_gain * lap) ** 2)
 
 
@@ -386,10 +427,11 @@ def _block_z(z: np.ndarray) -> np.ndarray:
 
 
 def frame_z(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray, params: ScoringParams,
+            test_laplacian: np.ndarray | None = None, cell: int = 8,
             ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(z map, residual map, noise scale, image-score map) for one frame."""
-    r = residuals(recorded, test, covered)
-    rel = _scale_map(recorded, params)
+    r = residuals(recorded, test, covered, test_laplacian)
+    rel = _scale_map(recorded, params, test_laplacian, cell)
     u = np.abs(r[covered]) / rel[covered]
     noise = max(params.floor, 1.4826 * float(np.median(u))) if u.size else params.floor
     z = r / (noise * rel)
@@ -483,8 +525,8 @@ def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: Scori
     for i, display in enumerate(displays):
         nan = np.full(values[i].shape, np.nan, dtype=np.float32)
         alignment = alignments[i] if alignments is not None else align(values[i], fp.cell, fp.shape_hw, display)
-        means, covered = (None, None) if alignment is None else cell_means_at(display, fp.cell, fp.shape_hw,
-                                                                              alignment)
+        means, covered, lap = (None, None, None) if alignment is None else cell_means_at(
+            display, fp.cell, fp.shape_hw, alignment, laplacian=True)
         if alignment is None or covered.sum() < params.min_covered:
             used.append(alignment or Alignment(1.0, 0.0, 0.0, -1.0, False))
             zs.append(nan)
@@ -492,7 +534,7 @@ def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: Scori
             maps.append(np.zeros(values[i].shape, dtype=np.float32))
             continue
         used.append(alignment)
-        z, r, noise, smap = frame_z(values[i], means, covered, params)
+        z, r, noise, smap = frame_z(values[i], means, covered, params, lap, fp.cell)
         covered_total += int(covered.sum())
         noises.append(noise)
         zs.append(z.astype(np.float32))

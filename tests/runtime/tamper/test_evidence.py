@@ -73,3 +73,90 @@ def test_without_keys_or_a_seal_the_blind_detector_decides_as_before(checker, se
     unsealed = check_image(read_image(Path(get_testdata_file("MR_small.dcm", download=False))), checker, ring)
     assert unsealed.evidence == "blind" and unsealed.seal.status == "unsigned"
     assert not any("seal" in r for r in unsealed.reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# the fingerprint in the file and the registry (issue 9)
+
+
+@pytest.fixture
+def protected(tmp_path, checker):
+    """CT_small through the real `run` job: a sealed DICOM with its fingerprint, and a registry."""
+    from medsec_edge.runtime.pipeline import load_watermarker, run_batch
+    from medsec_edge.runtime.tamper.registry import Registry
+
+    new_key_dir(tmp_path / "keys")
+    ring = KeyRing.load(tmp_path / "keys")
+    watermarker, bundle = load_watermarker(threads=1)
+    registry = Registry.open(tmp_path / "registry.sqlite3")
+    src = Path(get_testdata_file("CT_small.dcm", download=False))
+    report, records = run_batch([src], [Path("ct.dcm")], tmp_path / "out", watermarker, bundle, None,
+                                bytes.fromhex("0123456789abcdef"), checker=None, operating_point=None,
+                                check_note="skipped", ring=ring, registry=registry)
+    assert report["fingerprinted"] == 1 and report["registered"] == 1, report
+    assert 0 < records[0].fingerprint_bytes <= 4096 and "fingerprint" in records[0].latency_ms
+    yield tmp_path / "out" / "ct.dcm", ring, registry
+    registry.close()
+
+
+def _save_display_png(path: Path, out: Path, *, edit=None, crop=None) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from medsec_edge.runtime.tamper.fingerprint import display_frames
+
+    display = np.clip(np.rint(display_frames(read_image(path))[0][0]), 0, 255).astype(np.uint8)
+    if edit is not None:
+        y, x, n, delta = edit
+        display[y:y + n, x:x + n] = np.clip(display[y:y + n, x:x + n].astype(int) + delta, 0, 255)
+    if crop is not None:
+        display = display[crop[0]:crop[2], crop[1]:crop[3]]
+    Image.fromarray(display).save(out)
+    return out
+
+
+def test_run_writes_the_fingerprint_under_the_seal_and_check_uses_it(checker, protected, tmp_path):
+    from medsec_edge.runtime.io.dicom_writer import read_fingerprint
+
+    path, ring, registry = protected
+    ds = pydicom.dcmread(path)
+    assert read_fingerprint(ds) is not None
+    # a benign re-encode of one value breaks the seal; the fingerprint says: not tampered
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] += 1
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "touched.dcm")
+    verdict = check_image(read_image(tmp_path / "touched.dcm"), checker, ring)
+    assert verdict.evidence == "fingerprint", verdict.reasons
+    assert verdict.tampered is False and verdict.seal.status == "invalid"
+    assert verdict.fingerprint["key_id"] == ring.signer.key_id and verdict.blind is None
+    # a visible 24 px square: tampered, with a mask where it is
+    pixels[60:84, 30:54] += 300
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "edited.dcm")
+    verdict = check_image(read_image(tmp_path / "edited.dcm"), checker, ring)
+    assert verdict.evidence == "fingerprint" and verdict.tampered is True
+    assert verdict.mask.shape == (1, 128, 128) and verdict.mask[0, 72, 42] and not verdict.mask[0, 10, 100]
+    assert verdict.regions and verdict.regions[0].source == "fingerprint"
+    # the fingerprint is signed: a key set without the device key does not use it
+    new_key_dir(tmp_path / "other")
+    foreign = check_image(read_image(tmp_path / "edited.dcm"), checker, KeyRing.load(tmp_path / "other"))
+    assert foreign.evidence == "blind"
+    assert any("which this key set does not hold" in r for r in foreign.reasons)
+
+
+def test_an_export_without_header_is_found_in_the_registry_by_its_watermark(checker, protected, tmp_path):
+    path, ring, registry = protected
+    plain = _save_display_png(path, tmp_path / "export.png")
+    verdict = check_image(read_image(plain), checker, ring, registry=registry)
+    assert verdict.evidence == "registry" and verdict.tampered is False and verdict.seal is None
+    cropped = _save_display_png(path, tmp_path / "crop.png", crop=(6, 9, 128, 122))
+    verdict = check_image(read_image(cropped), checker, ring, registry=registry)
+    assert verdict.evidence == "registry" and verdict.tampered is False
+    assert verdict.fingerprint["alignment"]["offset_y"] == pytest.approx(6, abs=0.6)
+    edited = _save_display_png(path, tmp_path / "edited.png", edit=(40, 40, 24, 40))
+    verdict = check_image(read_image(edited), checker, ring, registry=registry)
+    assert verdict.evidence == "registry" and verdict.tampered is True and verdict.mask[0, 52, 52]
+    # without the registry the same export has no evidence: the blind detector decides, labelled
+    blind = check_image(read_image(edited), checker, ring)
+    assert blind.evidence == "blind" and blind.reasons[-1].startswith("no recorded evidence")

@@ -229,8 +229,19 @@ def test_every_flipped_bit_is_refused(mr_small, signer):
 
 def test_domain_separation_refuses_a_signature_over_the_bare_record(mr_small, signer):
     body = compute_fingerprint(mr_small).to_bytes()
-    bare = b"MEFS" + signer.key_id.encode() + signer.sign(body) + body
+    bare = b"MEFS" + signer.key_id.encode() + signer.sign(body) + len(body).to_bytes(4, "little") + body
     assert verify_fingerprint(bare, [signer.verifier]) is None
+
+
+def test_the_envelope_survives_the_even_length_pad_of_a_dicom_ob_value_and_nothing_else(mr_small, signer):
+    blob = sign_fingerprint(compute_fingerprint(mr_small), signer)
+    assert len(blob) % 2 == 0  # written as an OB value, it is never padded
+    body_end = len(blob) - (1 if blob.endswith(b"\0") and verify_fingerprint(blob[:-1], [signer.verifier]) else 0)
+    assert verify_fingerprint(blob[:body_end] + b"\0", [signer.verifier]) is not None
+    with pytest.raises(InputError):
+        verify_fingerprint(blob[:body_end] + b"\0\0", [signer.verifier])
+    with pytest.raises(InputError):
+        verify_fingerprint(blob[:body_end] + b"x", [signer.verifier])
 
 
 def test_garbage_is_not_a_signed_fingerprint(signer):
