@@ -13,8 +13,10 @@ Two branches are summed:
   sub-cells, pixel-unshuffled to 4 channels and mapped by a learned 1 x 1 convolution initialised
   to 240 * (mean - 0.5), i.e. 0.94 code units per display level; at initialisation the code IS the
   non-learned fingerprint's four 8 px cells, at int8 precision;
-- a four-layer strided CNN (3 x 3 kernels, stride 2 each; receptive field 31 px, a 16 px cell and
-  about 8 px around it), whose 1 x 1 head starts near zero and learns what to add.
+- a four-layer strided CNN (3 x 3 kernels, stride 2, padding 1 each) whose 1 x 1 head starts near
+  zero and learns what to add. Its receptive field is 31 px centred on the cell's top-left pixel:
+  the cell and 15 px above and left of it (not centred; a later encoder could pad asymmetrically),
+  which is why a comparison leaves out cells within 16 px of a crop border.
 
 About 15k parameters; ~45 M multiply-adds at 512 x 512.
 """
