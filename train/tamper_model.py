@@ -8,7 +8,8 @@ Fixed forensic front end, computed in the graph (so the ONNX file carries it): m
 change the noise before they change anything else, and the net should not have to learn that.
 Four high-pass residuals (the image minus its 3x3 mean, the 4-neighbour Laplacian, horizontal and
 vertical second differences, as in SRM filter banks) are divided by the image's own residual
-scale (RMS of the first residual over pixels inside the clip range), so one image's noise level,
+scale (a clipped, iterated RMS of the first residual over pixels away from the clip range, so
+edges and saturated areas do not set it), so one image's noise level,
 whatever its window, bit depth or scanner, reads as 1: what stands out is a region whose noise
 differs from the rest of the same image. A fifth channel is the log local residual energy
 (7x7) on that scale. The raw display values ride along for content.
@@ -23,6 +24,8 @@ from torch import nn
 RESIDUAL_CLAMP = 8.0  # normalised residuals beyond this (edges) are clipped
 SCALE_EPS = 1e-4  # in normalised display units (a 16-bit frame in a wide window is that quiet)
 ENERGY_FLOOR = 1e-2
+SCALE_CLIP, SCALE_ITERATIONS = 2.5, 4  # robust scale: clipped RMS, iterated (edges do not set it)
+CLIP_LO, CLIP_HI = -0.49, 1.49  # just inside detector_input.CLIP: values there were clipped
 FRONT_CHANNELS = 6
 
 
@@ -62,12 +65,17 @@ class ForensicFrontEnd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
         res = F.conv2d(xp, self.kernels)
-        # The image's own residual scale, over pixels inside the clip range (clipped and padded
-        # pixels are flat and would understate it).
-        valid = ((x > -0.49) & (x < 1.49)).to(x.dtype)
+        # The image's own residual scale, over pixels whose 3x3 neighbourhood is inside the clip
+        # range (clipped pixels are flat, their borders steps), robust to edges: the RMS of the
+        # residual clamped at SCALE_CLIP times the previous estimate, a few times over.
+        inside = ((x > CLIP_LO) & (x < CLIP_HI)).to(x.dtype)
+        valid = 1.0 - F.max_pool2d(1.0 - inside, 3, stride=1, padding=1)
         r0 = res[:, :1]
-        power = (r0 * r0 * valid).sum(dim=(2, 3), keepdim=True) / (valid.sum(dim=(2, 3), keepdim=True) + 1.0)
-        scale = torch.sqrt(power) + SCALE_EPS
+        count = valid.sum(dim=(2, 3), keepdim=True) + 1.0
+        scale = torch.sqrt((r0 * r0 * valid).sum(dim=(2, 3), keepdim=True) / count) + SCALE_EPS
+        for _ in range(SCALE_ITERATIONS):
+            clipped = torch.minimum(torch.abs(r0), SCALE_CLIP * scale)
+            scale = torch.sqrt((clipped * clipped * valid).sum(dim=(2, 3), keepdim=True) / count) + SCALE_EPS
         norm = torch.clamp(res / scale, -RESIDUAL_CLAMP, RESIDUAL_CLAMP)
         energy = F.avg_pool2d(norm[:, :1] * norm[:, :1], 7, stride=1, padding=3, count_include_pad=False)
         log_energy = torch.log(energy + ENERGY_FLOOR)

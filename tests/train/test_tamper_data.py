@@ -178,3 +178,128 @@ def test_watermarked_genuine_frames_carry_our_mark():
     # carry a weak mark), but most marks read back and an unmarked frame never reads.
     assert found_marked >= n // 2 + 1
     assert found_plain == 0
+
+
+# --- real frames: split by patient, the fallback, never the held-out overlap ------------------
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from medsec_edge.train import tamper_data  # noqa: E402
+from medsec_edge.train.tamper_data import FALLBACK_FILES, Source, load_real  # noqa: E402
+
+OVERLAP_LISTS = [Path(__file__).resolve().parents[2] / "train" / "heldout_overlap.txt",
+                 Path(__file__).resolve().parents[3] / "shared" / "notes" / "heldout-overlap.txt"]
+
+
+def _overlap_names() -> set[str]:
+    names = set()
+    for path in OVERLAP_LISTS:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    names.add(Path(line.rsplit(":", 1)[-1].strip()).name)
+    return names
+
+
+def test_fallback_files_share_no_study_with_the_held_out_set():
+    names = [n for split in FALLBACK_FILES.values() for n in split]
+    assert "examples_rgb_color.dcm" not in names  # on the overlap list: read before, never again
+    assert not set(FALLBACK_FILES["train"]) & set(FALLBACK_FILES["val"])
+    overlap = _overlap_names()
+    if not overlap:
+        pytest.skip("no held-out overlap list in this checkout (train/heldout_overlap.txt, shared/notes/)")
+    assert not set(names) & overlap
+
+
+@pytest.fixture
+def no_real_data(monkeypatch):
+    """As in CI without the real-data module: importing it fails."""
+    load_real.cache_clear()
+    monkeypatch.setitem(sys.modules, "medsec_edge.train.real_data", None)
+    yield
+    load_real.cache_clear()
+
+
+def test_without_real_data_pydicom_test_files_stand_in(no_real_data):
+    train, origin = load_real("train")
+    val, origin_val = load_real("val")
+    assert origin == origin_val == "pydicom-fallback"
+    assert {s.group for s in train} <= set(FALLBACK_FILES["train"]) and train
+    assert {s.group for s in val} <= set(FALLBACK_FILES["val"])
+    assert not {s.group for s in train} & {s.group for s in val}
+    gen = TamperSamples(0, crop=CROP)
+    x, _, _, _ = gen.sample(0)
+    assert x.shape == (CROP, CROP) and gen.real_origin == "pydicom-fallback"
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(UsageError, match="split"):
+        TamperSamples(0, split="test")
+    with pytest.raises(UsageError, match="split"):
+        load_real("heldout")
+
+
+def test_real_splits_share_no_patient():
+    load_real.cache_clear()
+    train, origin = load_real("train")
+    val, _ = load_real("val")
+    assert train and val
+    assert not {s.group for s in train} & {s.group for s in val}
+    if origin == "real_data":
+        from medsec_edge.train.real_data import split_of
+
+        assert {split_of(s.group) for s in train} == {"train"}
+        assert {split_of(s.group) for s in val} == {"val"}
+
+
+def _two_groups(monkeypatch, big: int = 40):
+    """A long series (group 'big', value 1000) beside a single frame (group 'one', value 3000)."""
+    rng = np.random.default_rng(0)
+    meta = ImageMeta(bits_stored=12, signed=False)
+    frames = [Source((1000 + rng.integers(0, 50, (96, 96))).astype(np.uint16), meta, "big") for _ in range(big)]
+    frames.append(Source((3000 + rng.integers(0, 50, (300, 280))).astype(np.uint16), meta, "one"))
+    monkeypatch.setattr(tamper_data, "load_real", lambda split, max_side=1024: (frames, "real_data"))
+    return frames
+
+
+from medsec_edge.runtime.io.image import ImageMeta  # noqa: E402
+
+
+def test_real_frames_are_drawn_patient_first(monkeypatch):
+    _two_groups(monkeypatch)
+    gen = TamperSamples(1, crop=CROP, p_real=1.0, side=128)
+    draws = [gen._source(np.random.default_rng(i)) for i in range(200)]
+    share_one = np.mean([d.group == "one" for d in draws])
+    assert 0.35 < share_one < 0.65  # one frame of its own patient weighs as much as a 40-frame series
+    for d in draws:
+        assert d.frame.shape == ((128, 128) if d.group == "one" else (96, 96))  # small frames whole
+
+
+def test_p_real_is_the_share_of_real_frames(monkeypatch):
+    _two_groups(monkeypatch)
+    gen = TamperSamples(1, crop=CROP, p_real=0.7, side=128)
+    real = [gen._source(np.random.default_rng(i)).group != "" for i in range(300)]
+    assert 0.6 < np.mean(real) < 0.8
+    assert not any(TamperSamples(1, crop=CROP, p_real=0.0)._source(np.random.default_rng(i)).group
+                   for i in range(20))
+
+
+def test_splice_donor_is_another_real_frame(monkeypatch):
+    frames = _two_groups(monkeypatch)
+    gen = TamperSamples(1, crop=CROP, p_real=1.0, side=128)
+    donor = gen._donor(np.random.default_rng(3))
+    assert donor.dtype == np.float64 and donor.ndim == 2 and min(donor.shape) >= 64
+    assert 900 < donor.mean() < 3100  # from the real frames, not a phantom
+    assert donor.shape in {(96, 96), (128, 128)}
+    del frames
+
+
+def test_validation_crop_cuts_the_whole_source(monkeypatch):
+    _two_groups(monkeypatch)
+    gen = TamperSamples(2, crop=CROP, p_real=1.0, side=128, families=tuple(MANIPULATIONS), p_tampered=1.0)
+    for i in range(6):
+        x, mask, label, info = gen.sample(i, crop=128)
+        assert x.shape == (128, 128) and mask.shape == (128, 128)
+        assert label == float(mask.any())

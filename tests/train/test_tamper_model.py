@@ -106,3 +106,55 @@ def test_onnx_export_parity_on_other_sizes(net, tmp_path):
         assert got[0].shape == (1, 1, h // 4, w // 4) and got[1].shape == (1, 1)
         for r, g in zip(ref, got):
             assert float(np.max(np.abs(r - g))) < 1e-4
+
+
+# --- the forensic front end ----------------------------------------------------------------
+
+from medsec_edge.train.tamper_model import FRONT_CHANNELS, ForensicFrontEnd  # noqa: E402
+
+
+def _textured(seed: int = 0, size: int = 96, noise: float = 0.01) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    smooth = 0.3 + 0.3 * torch.sin(6 * xx) * torch.cos(4 * yy)
+    return (smooth + noise * torch.randn(size, size, generator=g))[None, None]
+
+
+def test_front_end_channels():
+    out = ForensicFrontEnd()(_textured())
+    assert out.shape == (1, FRONT_CHANNELS, 96, 96)
+    assert torch.isfinite(out).all()
+
+
+def test_residuals_read_on_the_image_own_noise_scale():
+    """A window change (contrast gain and offset) leaves the residual channels as they were: the
+    detector sees noise relative to the same image, whatever its window or bit depth."""
+    front = ForensicFrontEnd()
+    x = _textured(noise=0.01)
+    a, b = front(x), front(x * 1.8 - 0.2)
+    torch.testing.assert_close(a[:, 1:], b[:, 1:], rtol=0.02, atol=0.05)  # up to SCALE_EPS
+    rms = torch.sqrt((a[:, 1] ** 2).mean())
+    assert 0.8 < float(rms) < 1.2  # the first residual's RMS is the scale: about 1
+
+
+def test_local_noise_change_stands_out_in_the_energy_channel():
+    """A smoothed patch (local blur, growth, inpainting) has less residual energy than the rest."""
+    front = ForensicFrontEnd()
+    x = _textured(noise=0.02)
+    blurred = x.clone()
+    patch = blurred[:, :, 32:64, 32:64]
+    blurred[:, :, 32:64, 32:64] = torch.nn.functional.avg_pool2d(patch, 3, stride=1, padding=1,
+                                                                 count_include_pad=False)
+    energy = front(blurred)[0, 5]
+    inside, outside = energy[38:58, 38:58].mean(), energy[:, :24].mean()
+    assert float(inside) < float(outside) - 0.5
+
+
+def test_clipped_and_padded_pixels_do_not_set_the_scale():
+    """Saturated (clipped) areas are flat: they must not shrink the scale and inflate the noise."""
+    front = ForensicFrontEnd()
+    x = _textured(noise=0.01)
+    half = x.clone()
+    half[:, :, :, :48] = 1.5  # clipped at the top of the range (normalise's CLIP)
+    a, b = front(x), front(half)
+    torch.testing.assert_close(a[:, 1, :, 60:90], b[:, 1, :, 60:90], rtol=0.1, atol=0.1)
