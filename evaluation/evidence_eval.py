@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import inspect
 import json
 import logging
 import math
@@ -159,13 +158,6 @@ class Tools:
     noise: NoiseResidualBaseline = field(default_factory=NoiseResidualBaseline)
     errors: list[dict] = field(default_factory=list)  # cases the runtime failed on (reported, not hidden)
 
-    def check_kwargs(self) -> dict:
-        from medsec_edge.runtime.tamper.evidence import check_image
-
-        if self.registry is not None and "registry" in inspect.signature(check_image).parameters:
-            return {"registry": self.registry}
-        return {}
-
 
 def _few_frames(src: Path, image: MedicalImage, work: Path) -> Path:
     """``src`` itself, or a copy holding its middle ``MAX_FRAMES`` frames (uncompressed)."""
@@ -194,14 +186,11 @@ def protect(src: Path, image: MedicalImage, tools: Tools) -> MedicalImage:
     from medsec_edge.runtime.pipeline import run_batch
 
     source = _few_frames(src, image, tools.work)
-    kwargs = {}
-    if tools.registry is not None and "registry" in inspect.signature(run_batch).parameters:
-        kwargs["registry"] = tools.registry
     out = tools.work / "protected"
     _, records = run_batch([source], [Path(src.name)], out, tools.watermarker, tools.bundle, tools.ring.watermark,
                            None, checker=None, operating_point=None,
                            check_note="evaluation: held-out images are genuine, not checked before protection",
-                           ring=tools.ring, **kwargs)
+                           ring=tools.ring, registry=tools.registry)
     record = records[0]
     if record.status != "ok" or not record.sealed or record.output is None:
         raise InputError(f"{src.name}: not protected ({record.status}: {record.reason or record.seal_reason})")
@@ -347,25 +336,18 @@ def export_display(frame: np.ndarray, meta, params: dict, mask: np.ndarray | Non
 # --- checking one case ------------------------------------------------------------------------------
 
 
-def _verdict_mask(verdict, image: MedicalImage) -> np.ndarray | None:
-    mask = getattr(verdict, "mask", None)
-    frames = image.frames()
-    shape = (len(frames), *frames[0].shape[:2])
-    if mask is None and verdict.blind is not None:  # a runtime without CheckVerdict.mask
-        mask = np.zeros(shape, bool)
-        if verdict.tampered:
-            mask[verdict.blind.mask_frame] = verdict.blind.mask
-    if mask is None:
-        return np.zeros(shape, bool)
-    mask = np.asarray(mask, bool)
+def _verdict_mask(verdict, image: MedicalImage) -> np.ndarray:
+    """The check's mask (frames x H x W); nothing flagged where it gives none."""
+    if verdict.mask is None:
+        frames = image.frames()
+        return np.zeros((len(frames), *frames[0].shape[:2]), bool)
+    mask = np.asarray(verdict.mask, bool)
     return mask[None] if mask.ndim == 2 else mask
 
 
 def _score_of(verdict) -> float:
-    score = getattr(verdict, "score", None)
-    if score is None and verdict.blind is not None:  # a runtime without CheckVerdict.score
-        score = verdict.blind.blind_logit
-    return -math.inf if score is None else float(score)
+    """The check's continuous score; a valid seal has none (-inf: surely untouched)."""
+    return -math.inf if verdict.score is None else float(verdict.score)
 
 
 def check_case(image: MedicalImage, tools: Tools, reference_hex: str, truth: np.ndarray | None,
@@ -376,13 +358,12 @@ def check_case(image: MedicalImage, tools: Tools, reference_hex: str, truth: np.
     from medsec_edge.runtime.tamper.evidence import check_image
 
     row: dict[str, Any] = {}
-    extra = tools.check_kwargs()
     for i, op in enumerate(tools.ops):
         if i and row["evidence"] in OP_FREE_EVIDENCE:  # decided before any operating point applies
             row[f"tampered_{op}"] = row[f"tampered_{tools.ops[0]}"]
             continue
         t0 = time.perf_counter()
-        verdict = check_image(image, tools.checker, tools.ring, op, **extra)
+        verdict = check_image(image, tools.checker, tools.ring, op, registry=tools.registry)
         ms = (time.perf_counter() - t0) * 1e3
         row[f"tampered_{op}"] = bool(verdict.tampered)
         if i == 0:  # the default operating point: score, evidence, mask, latency

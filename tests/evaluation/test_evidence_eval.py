@@ -81,6 +81,7 @@ def test_quick_run_writes_three_settings_within_a_minute(quick_run):
     assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / MARKDOWN_NAME).read_text() in res.stdout
     assert sorted(i["name"] for i in summary["images"]) == sorted(NAMES)
+    assert summary["errors"] == []  # the runtime answered every case
     ops = summary["meta"]["operating_points"]
     assert ops
     for key in ("header_kept", "header_stripped"):
