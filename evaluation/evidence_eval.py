@@ -350,6 +350,18 @@ def _score_of(verdict) -> float:
     return -math.inf if verdict.score is None else float(verdict.score)
 
 
+def watermark_found(evidence: str, reasons: Sequence[str], has_header: bool) -> bool | None:
+    """Whether the registry lookup read the watermark: None when it was not asked (the seal or the
+    fingerprint in the file decided, or the file's SOP UID found the entry)."""
+    if any(r.startswith("no watermark found") for r in reasons):
+        return False
+    if any(r.startswith("watermark found") for r in reasons):
+        return True
+    if evidence == "registry" and not has_header:
+        return True
+    return None
+
+
 def check_case(image: MedicalImage, tools: Tools, reference_hex: str, truth: np.ndarray | None,
                grey_index: int) -> dict:
     """Check one image at every operating point; the baselines beside; IoU against ``truth``
@@ -379,8 +391,7 @@ def check_case(image: MedicalImage, tools: Tools, reference_hex: str, truth: np.
                 else:
                     row["mask_shape_mismatch"] = [list(pred.shape), list(truth.shape)]
             row["_pred"] = pred
-    row["wm_found"] = (row["evidence"] == "registry" or row["watermark"] in ("present", "mismatch")
-                       or any(r.startswith("watermark found") for r in row["reasons"]))
+    row["wm_found"] = watermark_found(row["evidence"], row["reasons"], image.dataset is not None)
     t0 = time.perf_counter()
     row["sha256_flag"] = HashBaseline.verdict(reference_hex, image.pixels)
     row["sha256_ms"] = (time.perf_counter() - t0) * 1e3
@@ -624,10 +635,13 @@ def summarise_setting(rows: list[dict], ops: Sequence[str]) -> dict:
                         "ge32_flagged_only": {"mean": _mean(big_flagged), "n": len(big_flagged)},
                         "laundered": {"mean": _mean([r["pixel_iou"] for r in laundered if "pixel_iou" in r])},
                         "mask_shape_mismatch": sum("mask_shape_mismatch" in r for r in pos)}
-    found = [r for r in rows if r["wm_found"]]
-    lost = [r for r in rows if not r["wm_found"]]
+    asked = [r for r in rows if r["wm_found"] is not None]
+    found = [r for r in asked if r["wm_found"]]
+    lost = [r for r in asked if not r["wm_found"]]
     out["watermark_found"] = {
-        "all": _count(rows, "wm_found"), "positives": _count(pos, "wm_found"), "negatives": _count(neg, "wm_found"),
+        "not_asked": len(rows) - len(asked), "all": _count(asked, "wm_found"),
+        "positives": _count([r for r in asked if r["label"]], "wm_found"),
+        "negatives": _count([r for r in asked if not r["label"]], "wm_found"),
         "tpr_if_found": _count([r for r in found if r["label"]], f"tampered_{ops[0]}"),
         "fpr_if_found": _count([r for r in found if not r["label"]], f"tampered_{ops[0]}"),
         "tpr_if_not_found": _count([r for r in lost if r["label"]], f"tampered_{ops[0]}"),
@@ -735,7 +749,8 @@ def _setting_markdown(title: str, s: dict, ops: Sequence[str], target: str) -> l
         lines += [f"| {k} | {_pct(v)} |" for k, v in o["per_laundering_step"].items() if v["n"]]
         lines.append("")
     wm = s["watermark_found"]
-    lines += [f"Watermark found on {_pct(wm['all'])} of checks (edits {_pct(wm['positives'])}, negatives "
+    lines += [f"Watermark (registry lookup): not asked on {wm['not_asked']} checks (seal, fingerprint in the file "
+              f"or SOP UID decided); found on {_pct(wm['all'])} of the others (edits {_pct(wm['positives'])}, negatives "
               f"{_pct(wm['negatives'])}). Found: TPR {_pct(wm['tpr_if_found'])}, FPR {_pct(wm['fpr_if_found'])}; "
               f"not found: TPR {_pct(wm['tpr_if_not_found'])}, FPR {_pct(wm['fpr_if_not_found'])}.", "",
               "| method | TPR | FPR | AUC | localizes |", "|---|---|---|---|---|",
