@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
+import os
 
-import numpy as np
-import pytest
+# As the command line does (runtime/cli/__init__.py): one BLAS thread, so the timings are the
+# device's. Effective only if numpy is not loaded yet when pytest reads this file.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS; not OMP (torch and ORT read that)
 
-from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from medsec_edge.runtime.io.image import ImageMeta, MedicalImage  # noqa: E402
 
 
 def _held_out_frame(name: str) -> np.ndarray:

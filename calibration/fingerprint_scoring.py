@@ -206,15 +206,15 @@ def scores(fps, samples: list[Sample], params: ScoringParams) -> np.ndarray:
         u = np.abs(s.residual[s.covered]) / rel[s.covered]
         noise = max(params.floor, 1.4826 * float(np.median(u)))
         z = s.residual / (noise * rel)
-        out[i] = float(max(np.nanmax(np.abs(z)), np.abs(_block_z(z)).max()))
+        out[i] = float(np.abs(_block_z(z)).max())
     return out
 
 
 def summarise(fps, samples: list[Sample], params: ScoringParams) -> dict:
     sc = scores(fps, samples, params)
-    t = params.threshold
     rows = {}
     for setting in ("kept", "stripped"):
+        t = params.threshold if setting == "kept" else params.registry_threshold
         neg = [i for i, s in enumerate(samples) if s.setting == setting and s.size == 0]
         steps = sorted({samples[i].step for i in neg})
         fpr = {st: float(np.mean([sc[i] > t for i in neg if samples[i].step == st])) for st in steps}
@@ -231,20 +231,25 @@ def summarise(fps, samples: list[Sample], params: ScoringParams) -> dict:
     return rows
 
 
-def search(fps, samples: list[Sample], *, quantile_kept: float = 0.999) -> ScoringParams:
-    """The gains and floor that detect most 16 px / 3% edits (header kept) at the benign quantile."""
+def search(fps, samples: list[Sample], *, quantile_kept: float = 0.999, quantile_stripped: float = 0.99,
+           ) -> ScoringParams:
+    """The gains and floor that detect most 16-32 px / 3% edits (header kept) with the threshold at
+    the benign quantile; the registry threshold at the stripped exports' quantile."""
     best = None
     kept_neg = [i for i, s in enumerate(samples) if s.setting == "kept" and s.size == 0]
-    target = [i for i, s in enumerate(samples) if s.setting == "kept" and s.size == 16 and s.contrast == 0.03]
-    for floor in (0.3, 0.45, 0.6, 0.8):
-        for gg in (0.0, 0.01, 0.02, 0.04):
-            for cg in (0.0, 0.02, 0.04, 0.08):
+    stripped_neg = [i for i, s in enumerate(samples) if s.setting == "stripped" and s.size == 0]
+    target = [i for i, s in enumerate(samples) if s.setting == "kept" and s.size in (16, 24, 32)
+              and s.contrast == 0.03]
+    for floor in (0.45, 0.6, 0.8, 1.0):
+        for gg in (0.0, 0.01, 0.02):
+            for cg in (0.02, 0.04, 0.08):
                 p = ScoringParams(floor=floor, gradient_gain=gg, curvature_gain=cg)
                 sc = scores(fps, samples, p)
-                thr = float(np.quantile(sc[kept_neg], quantile_kept)) if kept_neg else 9.0
+                thr = float(np.quantile(sc[kept_neg], quantile_kept))
+                thr_s = float(np.quantile(sc[stripped_neg], quantile_stripped)) if stripped_neg else thr
                 tpr = float(np.mean(sc[target] > thr)) if target else 0.0
                 if best is None or tpr > best[0]:
-                    best = (tpr, replace(p, threshold=round(thr + 0.05, 2)))
+                    best = (tpr, replace(p, threshold=round(thr + 0.05, 2), registry_threshold=round(thr_s + 0.05, 2)))
     return best[1]
 
 
