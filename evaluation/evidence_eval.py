@@ -80,7 +80,8 @@ SETTINGS = ("header_kept", "header_stripped", "never_protected")
 KEPT_STEPS = ("lossless", "jpeg", "j2k", "resize", "crop", "noise", "blur", "export8")
 LAUNDER_STEPS = tuple(s for s in KEPT_STEPS if s != "lossless")
 CONTRAST_BINS = ("<3%", "3-5%", "5-10%", ">=10%")
-MAX_FRAMES = 3  # a multi-frame image is cut to its middle frames before it is protected
+MAX_FRAMES = 3
+SITE_TRIES = 8  # draws of an edit's site until it lies mostly inside the display window  # a multi-frame image is cut to its middle frames before it is protected
 MIN_SIDE = 64
 TARGETS = {
     "header_kept": "TPR >= 99% at FPR <= 0.1% for edits >= 16x16 px changing the displayed mean by >= 3% "
@@ -265,8 +266,22 @@ def apply_step(frames: list[np.ndarray], meta, step: str, rng_parts: tuple, *, s
 
 
 def edit_frame(frame: np.ndarray, meta, family: str, rng: np.random.Generator, size: int, donor: np.ndarray):
-    """(edited frame, mask, equivalent diameter): a grey frame as it is, a colour frame through its
-    luma (the same change added to each channel inside the mask)."""
+    """(edited frame, mask, equivalent diameter) of an edit a reader can see: the site is drawn
+    again (up to ``SITE_TRIES`` times, same seeded stream) until at least half of the edit lies
+    inside the display window (a narrow CT window shows air and bone as flat black and white,
+    where an edit of stored values changes nothing on screen)."""
+    shown = display_of(frame, meta)
+    inside = (shown > 1.0) & (shown < 254.0)
+    for _ in range(SITE_TRIES):
+        edited, mask, size_px = _edit_once(frame, meta, family, rng, size, donor)
+        if inside[mask].mean() >= 0.5:
+            break
+    return edited, mask, size_px
+
+
+def _edit_once(frame: np.ndarray, meta, family: str, rng: np.random.Generator, size: int, donor: np.ndarray):
+    """One edit: a grey frame as it is, a colour frame through its luma (the same change added to
+    each channel inside the mask)."""
     value_range = stored_range(meta, frame.dtype)
     if frame.ndim == 2:
         m = manipulate(frame, family, rng, value_range=value_range, donor=donor, size=size)
@@ -460,6 +475,7 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
         pred = row.pop("_pred", None)
         same = [e for e in examples if e.setting == setting]
         if (shown is not None and truth2d is not None and pred is not None and row.get("size", 0) >= 32
+                and row.get("contrast_pct", 0.0) >= 3.0
                 and row.get("step") is None and len(same) < EXAMPLES[setting]
                 and not any(e.title.split(",")[0] == row["family"] for e in same)):
             p2 = pred[min(edit_index, len(pred) - 1)] if setting == "header_kept" else pred[0]
