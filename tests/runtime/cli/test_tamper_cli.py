@@ -274,7 +274,8 @@ def test_eval_tamper_writes_json_markdown_and_plot(cli, tamper_env, inputs, tmp_
     res = cli("eval", "tamper", "--images", inputs, "--bundle", tamper_env.calibrated, "--trials", "1",
               "--benign-trials", "1", "--out", out, "--threads", "1")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["tamper_eval.json", "tamper_eval.md", "tamper_eval.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["evidence_eval.json", "evidence_eval.md", "evidence_eval.png",
+                                                     "tamper_eval.json", "tamper_eval.md", "tamper_eval.png"]
     summary = json.loads((out / "tamper_eval.json").read_text())
     auc = summary["blind"]["roc_trained"]["auc"]
     assert auc is not None and 0.0 <= auc <= 1.0
@@ -287,6 +288,6 @@ def test_eval_tamper_writes_json_markdown_and_plot(cli, tamper_env, inputs, tmp_
         assert used[name]["blind_logit"] == pytest.approx(point["blind_logit"])
         assert summary["blind"]["operating_points"][name]["threshold_logit"] == pytest.approx(point["blind_logit"])
     assert (out / "tamper_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "tamper_eval.md").read_text() in res.stdout
+    assert (out / "evidence_eval.md").read_text().strip() in res.stdout  # the three settings are printed
     for value in _phi(inputs):
         assert value not in (out / "tamper_eval.json").read_text()
