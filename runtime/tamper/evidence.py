@@ -34,12 +34,21 @@ from medsec_edge.runtime.tamper.fingerprint import (
     signed_key_id,
     verify_fingerprint,
 )
-from medsec_edge.runtime.tamper.scoring import DEFAULT_PARAMS, FingerprintScore, ScoringParams, pixel_mask, score_displays
+from medsec_edge.runtime.tamper.scoring import (
+    DEFAULT_PARAMS,
+    FingerprintScore,
+    ScoringParams,
+    align,
+    cell_means_at,
+    pixel_mask,
+    score_displays,
+)
 
 __all__ = ["CheckVerdict", "SealEvidence", "check_image", "seal_evidence"]
 
 _IDENTITY_8BIT = FrameWindow(0.0, 255.0, 1.0, 0.0, False)
-MAX_REGISTRY_CANDIDATES = 16  # entries sharing one payload (a batch run with --payload) compared at most
+MAX_REGISTRY_CANDIDATES = 16
+MAX_FRAMES_SEARCHED = 32  # a single exported frame is matched against at most this many recorded ones  # entries sharing one payload (a batch run with --payload) compared at most
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ def _own_window_differs(image: MedicalImage, frame: np.ndarray, recorded: FrameW
     return (abs(own.lower - recorded.lower) > 0.01 * width or abs(own.upper - recorded.upper) > 0.01 * width)
 
 
-def test_displays(image: MedicalImage, fp: Fingerprint) -> list[np.ndarray]:
+def displays_under_test(image: MedicalImage, fp: Fingerprint) -> list[np.ndarray]:
     """The frames under test as display levels: with the recorded windows where the pixels are
     in the recorded units (same kind of file), else as the file itself displays them."""
     frames = image.frames()
@@ -148,12 +157,23 @@ def test_displays(image: MedicalImage, fp: Fingerprint) -> list[np.ndarray]:
     return displays
 
 
-def _frames_for(displays: list[np.ndarray], fp: Fingerprint) -> list[np.ndarray] | None:
-    if len(displays) == fp.n_frames:
-        return displays
-    if len(displays) == 1 and fp.n_frames > 1:
-        return None  # one exported frame of a multi-frame image: which one is unknown; not compared
-    return None
+def _one_frame_of(fp: Fingerprint, display: np.ndarray) -> Fingerprint | None:
+    """The recorded frame a single exported frame matches best (a frame saved out of a
+    multi-frame image), as a one-frame fingerprint; None if none aligns."""
+    best, best_match = None, -2.0
+    for k in range(fp.n_frames):
+        alignment = align(fp.values[k], fp.cell, fp.shape_hw, display)
+        if alignment is None:
+            continue
+        match = alignment.match
+        if alignment.exact:  # the identity is not searched: measure how well this frame fits
+            means, _ = cell_means_at(display, fp.cell, fp.shape_hw, alignment)
+            match = -float(np.mean(np.abs(means - fp.values[k])))
+        if match > best_match:
+            best, best_match = k, match
+    if best is None:
+        return None
+    return Fingerprint(fp.shape_hw, fp.cell, (fp.windows[best],), fp.codes[best:best + 1], fp.colour, fp.version)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,10 +189,12 @@ class _Compared:
 
 
 def _compare(fp: Fingerprint, image: MedicalImage, params: ScoringParams, key_id: str) -> _Compared | str:
-    displays = _frames_for(test_displays(image, fp), fp)
-    if displays is None:
-        return (f"the image has {image.n_frames} frame(s), the fingerprint {fp.n_frames}: "
-                "a single frame out of a multi-frame image is not compared")
+    displays = displays_under_test(image, fp)
+    if len(displays) == 1 and 1 < fp.n_frames <= MAX_FRAMES_SEARCHED:
+        fp = _one_frame_of(fp, displays[0]) or fp
+    if len(displays) != fp.n_frames:
+        return (f"the image has {len(displays)} frame(s), the fingerprint {fp.n_frames}: only the same "
+                f"frames, or one frame out of at most {MAX_FRAMES_SEARCHED}, are compared")
     result = score_displays(fp, displays, params=params)
     if not np.isfinite(result.score):
         return result.reason or "not comparable with the recorded fingerprint"

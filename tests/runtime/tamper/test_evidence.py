@@ -160,3 +160,21 @@ def test_an_export_without_header_is_found_in_the_registry_by_its_watermark(chec
     # without the registry the same export has no evidence: the blind detector decides, labelled
     blind = check_image(read_image(edited), checker, ring)
     assert blind.evidence == "blind" and blind.reasons[-1].startswith("no recorded evidence")
+
+
+def test_one_frame_exported_from_a_multi_frame_image_is_compared_with_its_own_frame():
+    import numpy as np
+
+    from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
+    from medsec_edge.runtime.tamper import evidence
+    from medsec_edge.runtime.tamper.fingerprint import compute_fingerprint, display_frames
+    from medsec_edge.runtime.tamper.scoring import DEFAULT_PARAMS
+
+    image = read_image(Path(get_testdata_file("emri_small.dcm", download=False)))  # 10 frames
+    fp = compute_fingerprint(image)
+    display = display_frames(image, fp.windows)[0][6]
+    png = MedicalImage(np.clip(np.rint(display), 0, 255).astype(np.uint8),
+                       ImageMeta(bits_stored=8, signed=False, source_format="png"))
+    compared = evidence._compare(fp, png, DEFAULT_PARAMS, "0" * 16)
+    assert compared.fp.n_frames == 1 and np.array_equal(compared.fp.codes[0], fp.codes[6])
+    assert compared.result.score < DEFAULT_PARAMS.registry_threshold
