@@ -149,6 +149,10 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "opset": OPSET,
             "parity_max_abs_error": parity, "onnx_checker": "passed (full_check)",
         }
+        # The evaluation recorded for the previous detector says nothing about this one: dropped
+        # until record_evaluation() writes this detector's own (medsec-edge eval tamper).
+        if isinstance(data.get("evaluation"), dict):
+            data["evaluation"].pop("tamper", None)
         data.setdefault("budgets_ms", {}).update({"check_512": 30, "check_2048": 300})
         data.setdefault("calibration", {})["tamper"] = calibration
         session.close()
@@ -165,3 +169,71 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
     log.info("bundle written to %s; tamper operating points %s", out,
              json.dumps(calibration["operating_points"]))
     return out
+
+
+def evaluation_summary(eval_json: Path, report: str = "docs/tamper/tamper_eval.md") -> dict:
+    """The manifest's ``evaluation.tamper`` from a ``medsec-edge eval tamper`` tamper_eval.json."""
+    summary = json.loads(Path(eval_json).read_text())
+    blind = summary["blind"]
+    points = {}
+    for name, row in blind["operating_points"].items():
+        points[name] = {"tpr_trained": row["tpr_trained"]["rate"], "tpr_held_out": row["tpr_held_out"]["rate"],
+                        "fpr_genuine": row["fpr_genuine"]["rate"], "fpr_benign": row["fpr_benign"]["rate"],
+                        "fpr_by_benign_step": {k: v["rate"] for k, v in row["per_benign_step"].items()}}
+    return {
+        "command": summary.get("meta", {}).get("command", ""),
+        "held_out": "pydicom-data (deduplicated), never trained on nor used for thresholds",
+        "images": len(summary.get("images", [])),
+        "counts": summary["counts"],
+        "auc_trained": blind["roc_trained"]["auc"],
+        "auc_held_out_family": blind["roc_held_out"]["auc"],
+        "held_out_family": _held_out_family(),
+        "roc_tpr_at_fpr": {"trained": {k: blind["roc_trained"][f"roc_tpr_at_{k}"] for k in ("fpr1", "fpr0.1")},
+                           "held_out": {k: blind["roc_held_out"][f"roc_tpr_at_{k}"] for k in ("fpr1", "fpr0.1")}},
+        "operating_points": points,
+        "pixel_iou": blind["pixel"]["iou_mean"],
+        "report": report,
+    }
+
+
+def record_evaluation(bundle_dir: Path, eval_json: Path, *, signing_key: Path = DEFAULT_SIGNING_KEY,
+                      trusted_dir: Path | None = None, report: str = "docs/tamper/tamper_eval.md") -> Path:
+    """Write the detector's held-out evaluation into the bundle's manifest (``evaluation.tamper``)
+    and re-sign it; model files and every other entry stay as they are."""
+    bundle_dir = Path(bundle_dir)
+    private = load_signing_key(signing_key)
+    bundle = open_bundle(bundle_dir) if trusted_dir is None else open_bundle(bundle_dir, trusted_keys=trusted_dir)
+    data = bundle.manifest.to_dict()
+    for key in ("version", "created", "key_id"):
+        data.pop(key, None)
+    data["models"] = {name: {k: v for k, v in entry.items() if k != "sha256"} for name, entry in data["models"].items()}
+    data.setdefault("evaluation", {})["tamper"] = evaluation_summary(eval_json, report)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for name in bundle.manifest.models:
+            path = Path(tmp) / f"{name}.src"
+            path.write_bytes(bundle.model_bytes(name))
+            files[name] = path
+        out = write_bundle(bundle_dir, data, files, private, overwrite=True)
+    log.info("evaluation.tamper recorded in %s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m medsec_edge.export.tamper_export record-eval BUNDLE TAMPER_EVAL_JSON [--signing-key K]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m medsec_edge.export.tamper_export")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record-eval", help="write a tamper_eval.json summary into the bundle's manifest")
+    rec.add_argument("bundle", type=Path)
+    rec.add_argument("eval_json", type=Path)
+    rec.add_argument("--signing-key", type=Path, default=DEFAULT_SIGNING_KEY)
+    rec.add_argument("--report", default="docs/tamper/tamper_eval.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    record_evaluation(args.bundle, args.eval_json, signing_key=args.signing_key, report=args.report)
+
+
+if __name__ == "__main__":
+    main()

@@ -155,3 +155,42 @@ def test_add_to_bundle_writes_the_public_key_next_to_the_private_one(tamper_bund
         key_id(load_public_key(tamper_bundles.public_key)) == tamper_bundles.key_id
     assert (tamper_bundles.signing_key.stat().st_mode & 0o777) == 0o600
     assert json.loads((tamper_bundles.calibrated / "manifest.json").read_text())["key_id"] == tamper_bundles.key_id
+
+
+def test_a_new_detector_drops_the_previous_detectors_evaluation(tamper_bundles):
+    """The default bundle's evaluation.tamper measured another detector: not carried over."""
+    assert "tamper" not in (manifest_of(tamper_bundles.calibrated).get("evaluation") or {})
+
+
+def _eval_json(path):
+    rate = lambda r: {"k": 0, "n": 0, "rate": r, "ci95": [0, 1]}  # noqa: E731
+    row = {"tpr_trained": rate(0.5), "tpr_held_out": rate(0.25), "fpr_genuine": rate(0.0), "fpr_benign": rate(0.01),
+           "per_benign_step": {"jpeg": rate(0.02), "none": rate(0.0)}}
+    roc = {"auc": 0.75, "roc_tpr_at_fpr1": 0.3, "roc_tpr_at_fpr0.1": 0.1}
+    summary = {"counts": {"negatives": 10, "genuine": 2, "benign": 8, "tampered": 9},
+               "blind": {"roc_trained": roc, "roc_held_out": {**roc, "auc": 0.6},
+                         "operating_points": {"fpr1": row, "fpr0.1": row}, "pixel": {"iou_mean": 0.2}},
+               "meta": {"command": "medsec-edge eval tamper --pydicom-data"}, "images": [{}, {}]}
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def test_record_evaluation_writes_the_summary_and_keeps_the_models(tamper_bundles, tmp_path):
+    import shutil
+
+    from medsec_edge.export.tamper_export import record_evaluation
+
+    target = tmp_path / "bundle"
+    shutil.copytree(tamper_bundles.calibrated, target)
+    before = manifest_of(target)
+    record_evaluation(target, _eval_json(tmp_path / "tamper_eval.json"), signing_key=tamper_bundles.signing_key,
+                      trusted_dir=tamper_bundles.trust_dir)
+    bundle = open_bundle(target, trusted_keys=tamper_bundles.trust_dir)  # still signed by a trusted key
+    after = bundle.manifest.to_dict()
+    assert after["models"] == before["models"]  # same files, same sha256
+    assert after["calibration"] == before["calibration"] and after["training"] == before["training"]
+    ev = after["evaluation"]["tamper"]
+    assert ev["auc_trained"] == 0.75 and ev["auc_held_out_family"] == 0.6 and ev["held_out_family"] == "splice"
+    assert ev["operating_points"]["fpr1"]["fpr_by_benign_step"] == {"jpeg": 0.02, "none": 0.0}
+    assert ev["roc_tpr_at_fpr"]["trained"] == {"fpr1": 0.3, "fpr0.1": 0.1}
+    assert ev["command"].startswith("medsec-edge eval tamper") and ev["images"] == 2
