@@ -72,10 +72,11 @@ def _grey(frame, meta):
     return frame, meta
 
 
-def val_frames(n: int, seed: int) -> list[tuple[np.ndarray, ImageMeta, str]]:
+def val_frames(n: int, seed: int, exclude: tuple[str, ...] = ()) -> list[tuple[np.ndarray, ImageMeta, str]]:
     from medsec_edge.train.tamper_data import load_real
 
     sources, origin = load_real("val", 512)
+    sources = [s for s in sources if str(s.group) not in exclude]
     print(f"val frames: {len(sources)} from {origin}", file=sys.stderr)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(sources))[:n]
@@ -320,6 +321,8 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=141)
     parser.add_argument("--seed", type=int, default=20261205)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--exclude-group", action="append", default=[],
+                        help="leave out this real_data group (repeatable): one the encoder may have trained on")
     parser.add_argument("--exclude-clip-edges", action="store_true",
                         help="score only cells whose support is all window-clipped or all unclipped")
     args = parser.parse_args(argv)
@@ -330,12 +333,12 @@ def main(argv=None) -> None:
         logging.getLogger(n).setLevel(logging.ERROR)
     encoder = lfm.FingerprintEncoder.from_path(args.encoder, threads=1)
     methods = [Baseline(), Learned(encoder)]
-    frames = held_out_frames() if args.held_out else val_frames(args.frames, args.seed)
+    frames = held_out_frames() if args.held_out else val_frames(args.frames, args.seed, tuple(args.exclude_group))
     print(f"{len(frames)} frames", file=sys.stderr)
     res = run(frames, methods, args.seed, args.exclude_clip_edges)
     summary = {"set": "pydicom-data (held-out)" if args.held_out else f"val split (real_data), {len(frames)} frames",
                "frames": len(frames), "edits_kept": res["edits_kept"],
-               "exclude_clip_edges": args.exclude_clip_edges, "cells_scored_share": res["cells_scored_share"], "edits_dropped_clipped": res["edits_dropped"],
+               "exclude_clip_edges": args.exclude_clip_edges, "excluded_groups": args.exclude_group, "cells_scored_share": res["cells_scored_share"], "edits_dropped_clipped": res["edits_dropped"],
                "encoder": str(args.encoder), "encoder_sha256_8": encoder.id.hex(),
                "command": " ".join(["python", *sys.argv]),
                "metrics": summarise(res, methods), "sizes_latency": sizes_and_latency(methods, encoder, frames)}
