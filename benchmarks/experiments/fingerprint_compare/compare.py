@@ -156,6 +156,17 @@ def clip_edge_cells(display: np.ndarray, cell: int, grid_hw: tuple[int, int]) ->
     return both.reshape(gh, cell, gw, cell).any(axis=(1, 3))
 
 
+class LearnedMax(Learned):
+    """The same codes, cell distance = the largest |difference| over the code's values (an edit
+    that covers one 8 px sub-cell moves one value; L2 adds the other values' benign noise)."""
+
+    name = "learned-max"
+
+    def deviation(self, rec, display):
+        cell, codes = rec
+        return np.abs(self.encoder.codes(display, cell) - codes).max(axis=0)
+
+
 def run(frames, methods, seed: int, exclude_clip_edges: bool = False) -> dict:
     neg = {m.name: {s: [] for s in BENIGN_STEPS} for m in methods}
     neg_img = {m.name: {s: [] for s in BENIGN_STEPS} for m in methods}
@@ -323,6 +334,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--exclude-group", action="append", default=[],
                         help="leave out this real_data group (repeatable): one the encoder may have trained on")
+    parser.add_argument("--with-max", action="store_true", help="also the learned codes with a max-abs distance")
     parser.add_argument("--exclude-clip-edges", action="store_true",
                         help="score only cells whose support is all window-clipped or all unclipped")
     args = parser.parse_args(argv)
@@ -332,7 +344,7 @@ def main(argv=None) -> None:
     for n in ("openjpeg", "medsec_edge.evaluation.attacks", "medsec_edge.train.real_data"):
         logging.getLogger(n).setLevel(logging.ERROR)
     encoder = lfm.FingerprintEncoder.from_path(args.encoder, threads=1)
-    methods = [Baseline(), Learned(encoder)]
+    methods = [Baseline(), Learned(encoder)] + ([LearnedMax(encoder)] if args.with_max else [])
     frames = held_out_frames() if args.held_out else val_frames(args.frames, args.seed, tuple(args.exclude_group))
     print(f"{len(frames)} frames", file=sys.stderr)
     res = run(frames, methods, args.seed, args.exclude_clip_edges)
