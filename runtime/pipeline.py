@@ -96,6 +96,7 @@ class RunRecord:
     seal_reason: str = ""  # why it is not sealed (non-DICOM output, no key ring, failure)
     fingerprint_bytes: int = 0  # size of the signed content fingerprint written/recorded (0: none)
     registered: bool = False  # recorded in the evidence registry
+    evidence_reason: str = ""  # why no fingerprint or no registry entry was made (the image is still written)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,19 +226,24 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
     if ok:
         fingerprint = None
         if keyring is not None:
-            state["stage"] = "fingerprint"
             tf = time.perf_counter()
-            fingerprint = sign_fingerprint(compute_fingerprint(replace(image, pixels=embedded.pixels)),
-                                           keyring.signer)
+            try:
+                fingerprint = sign_fingerprint(compute_fingerprint(replace(image, pixels=embedded.pixels)),
+                                               keyring.signer)
+                evidence["fingerprint_bytes"] = len(fingerprint)
+            except (MedsecError, ValueError, ArithmeticError) as exc:
+                # the image is still watermarked, sealed and written; only this evidence is missing
+                evidence["evidence_reason"] = f"no fingerprint: {_one_line(exc)}"
             lat["fingerprint"] = (time.perf_counter() - tf) * 1e3
-            evidence["fingerprint_bytes"] = len(fingerprint)
         state["stage"] = "write"
         written, seal, seal_failed, sop_uid = _write_output(image, embedded.pixels, out_path, record, reversible_to,
                                                             keyring, lat, state, fingerprint)
         if registry is not None and fingerprint is not None and written is not None:
-            state["stage"] = "register"
             tr = time.perf_counter()
-            evidence["registered"] = _register(registry, image, payload, kind, fingerprint, sop_uid, keyring)
+            try:
+                evidence["registered"] = _register(registry, image, payload, kind, fingerprint, sop_uid, keyring)
+            except MedsecError as exc:  # a value the registry refuses, or its file: the output stands
+                evidence["evidence_reason"] = f"not registered: {_one_line(exc)}"
             lat["register"] = (time.perf_counter() - tr) * 1e3
     lat["total"] = (time.perf_counter() - t0) * 1e3
     budgets = bundle.manifest.budgets_ms

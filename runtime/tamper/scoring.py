@@ -61,6 +61,7 @@ class ScoringParams:
     floor: float = 0.45  # display levels: the least residual scale (quantisation, re-encoding)
     gradient_gain: float = 0.02  # extra scale per display level of |gradient| between neighbour cells
     curvature_gain: float = 0.08  # extra scale per level of fine detail (test Laplacian x cell variance)
+    texture_gain: float = 0.0  # extra scale per level of the test frame's local standard deviation
     threshold: float = 11.28  # on the image score (z), header kept: above it, tampered
     registry_threshold: float = 4.34  # the same for an export compared through the registry
     mask_fraction: float = 0.5  # a region's pixels are those above this share of its peak residual
@@ -140,6 +141,14 @@ class SmoothedFrame:
     def __init__(self, display: np.ndarray) -> None:
         self.display = np.asarray(display, dtype=np.float32)
         self._cache: dict[float, tuple[np.ndarray, int]] = {}
+        self._squares: SmoothedFrame | None = None
+
+    def local_std(self, sigma: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Gaussian-weighted standard deviation of the frame around ``ys`` x ``xs``."""
+        if self._squares is None:
+            self._squares = SmoothedFrame(self.display * self.display)
+        mean = self.sample(sigma, ys, xs)
+        return np.sqrt(np.maximum(self._squares.sample(sigma, ys, xs) - mean * mean, 0.0))
 
     def field(self, sigma: float) -> tuple[np.ndarray, int]:
         key = round(sigma * 8) / 8  # 1/8 px steps: a sigma off by that changes a mean far below a level
@@ -189,7 +198,8 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
 
     Returns (means gh x gw float32, covered bool gh x gw), and with ``laplacian`` also the
     Laplacian of the smoothed test frame there (levels per px^2: what a blur changes a mean by,
-    times half its variance). With an exact alignment the weights are the recorded ones (borders
+    times half its variance) and the frame's standard deviation under each cell's Gaussian
+    (texture and edges: where lossy coding leaves most error). With an exact alignment the weights are the recorded ones (borders
     normalised alike), so every cell is covered; otherwise a cell is covered when its 3-sigma
     support lies inside the test frame.
     """
@@ -207,7 +217,9 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
         wy, _, wy2 = _weights_at(h, cy, sigma, second=True)
         wx, _, wx2 = _weights_at(w, cx, sigma, second=True)
         rows, rows2 = wy @ plain, wy2 @ plain
-        return rows @ wx.T, covered, rows2 @ wx.T + rows @ wx2.T
+        means = rows @ wx.T
+        std = np.sqrt(np.maximum((wy @ (plain * plain)) @ wx.T - means * means, 0.0))
+        return means, covered, rows2 @ wx.T + rows @ wx2.T, std
     frame = display if isinstance(display, SmoothedFrame) else SmoothedFrame(display)
     h, w = frame.display.shape
     s = alignment.scale
@@ -220,7 +232,8 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
     if not laplacian:
         return frame.sample(sigma * s, ys, xs), covered
     # per test px^2; in recorded px^2 (what the fit compares across images) times s^2
-    return frame.sample(sigma * s, ys, xs), covered, frame.laplacian(sigma * s, ys, xs) * (s * s)
+    return (frame.sample(sigma * s, ys, xs), covered, frame.laplacian(sigma * s, ys, xs) * (s * s),
+            frame.local_std(sigma * s, ys, xs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,14 +433,15 @@ def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray,
 
 
 def _scale_map(recorded: np.ndarray, params: ScoringParams, test_laplacian: np.ndarray | None = None,
-               cell: int = 8) -> np.ndarray:
+               cell: int = 8, test_std: np.ndarray | None = None) -> np.ndarray:
     """Relative residual scale per cell: 1, more on edges (gradient) and fine detail (the test
     frame's pixel-scale Laplacian, in levels over a cell's variance, else the grid's)."""
     gy, gx, lap = _structure(recorded)
     grad = np.hypot(gy, gx)
     if test_laplacian is not None:
         lap = np.nan_to_num(np.asarray(test_laplacian, dtype=np.float64)) * (cell / 2.0) ** 2
-    return np.sqrt(1.0 + (params.gradient_gain * grad) ** 2 + (params.curvature_gain * lap) ** 2)
+    texture = 0.0 if test_std is None else params.texture_gain * np.nan_to_num(np.asarray(test_std, np.float64))
+    return np.sqrt(1.0 + (params.gradient_gain * grad) ** 2 + (params.curvature_gain * lap) ** 2 + texture ** 2)
 
 
 def _block_z(z: np.ndarray) -> np.ndarray:
@@ -438,11 +452,11 @@ def _block_z(z: np.ndarray) -> np.ndarray:
 
 
 def frame_z(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray, params: ScoringParams,
-            test_laplacian: np.ndarray | None = None, cell: int = 8,
+            test_laplacian: np.ndarray | None = None, cell: int = 8, test_std: np.ndarray | None = None,
             ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(z map, residual map, noise scale, image-score map) for one frame."""
     r = residuals(recorded, test, covered, test_laplacian)
-    rel = _scale_map(recorded, params, test_laplacian, cell)
+    rel = _scale_map(recorded, params, test_laplacian, cell, test_std)
     u = np.abs(r[covered]) / rel[covered]
     noise = max(params.floor, 1.4826 * float(np.median(u))) if u.size else params.floor
     z = r / (noise * rel)
@@ -538,7 +552,7 @@ def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: Scori
     for i, display in enumerate(displays):
         nan = np.full(values[i].shape, np.nan, dtype=np.float32)
         alignment = alignments[i] if alignments is not None else align(values[i], fp.cell, fp.shape_hw, display)
-        means, covered, lap = (None, None, None) if alignment is None else cell_means_at(
+        means, covered, lap, std = (None, None, None, None) if alignment is None else cell_means_at(
             display, fp.cell, fp.shape_hw, alignment, laplacian=True)
         if alignment is None or covered.sum() < params.min_covered:
             used.append(alignment or Alignment(1.0, 0.0, 0.0, -1.0, False))
@@ -547,7 +561,7 @@ def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: Scori
             maps.append(np.zeros(values[i].shape, dtype=np.float32))
             continue
         used.append(alignment)
-        z, r, noise, smap = frame_z(values[i], means, covered, params, lap, fp.cell)
+        z, r, noise, smap = frame_z(values[i], means, covered, params, lap, fp.cell, std)
         covered_total += int(covered.sum())
         noises.append(noise)
         zs.append(z.astype(np.float32))
