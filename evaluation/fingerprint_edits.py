@@ -29,11 +29,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
-
 from medsec_edge.evaluation import attacks
 from medsec_edge.runtime.io.image import DisplayWindow
+from PIL import Image
+from scipy import ndimage
 
 BENIGN_STEPS = ("jpeg", "j2k", "lossless", "resize", "noise", "blur", "crop")
 EDIT_KINDS = ("copy_move", "splice", "inject", "remove", "local_contrast")

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from medsec_edge.export.watermark_export import OPSET
 from medsec_edge.runtime.errors import UsageError
 
@@ -30,7 +29,6 @@ PARITY_TOLERANCE = 1e-3  # code units; one quantisation step is 1
 
 def load_encoder(checkpoint: Path):
     import torch
-
     from medsec_edge.train.fingerprint_model import FingerprintNet
 
     if not Path(checkpoint).is_file():

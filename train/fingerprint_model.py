@@ -24,8 +24,8 @@ About 15k parameters; ~45 M multiply-adds at 512 x 512.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 CELL = 16
 DIMS = 4

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from medsec_edge.evaluation.fingerprint_edits import (
     EDIT_KINDS,
     benign_display,
@@ -54,7 +53,12 @@ from medsec_edge.evaluation.fingerprint_edits import (
     valid_cells,
 )
 from medsec_edge.evaluation.manipulations import MANIPULATIONS, manipulate
-from medsec_edge.runtime.io.image import DisplayWindow, ImageMeta, display_window, stored_range
+from medsec_edge.runtime.io.image import (
+    DisplayWindow,
+    ImageMeta,
+    display_window,
+    stored_range,
+)
 from medsec_edge.train.fingerprint_model import CELL, FingerprintNet, n_parameters
 from medsec_edge.train.seeding import seed_everything
 
@@ -122,7 +126,7 @@ class FingerprintCache:
     def _pick(self, rng: np.random.Generator):
         members = self.groups[int(rng.integers(len(self.groups)))]
         i = members[int(rng.integers(len(members)))]
-        frame, meta, group = self.sources[i]
+        frame, meta, _group = self.sources[i]
         if i not in self._windows:
             self._windows[i] = (display_window(meta, frame), stored_range(meta, frame.dtype),
                                 float(frame.max()) - float(frame.min()))
@@ -136,7 +140,7 @@ class FingerprintCache:
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
         rng = np.random.default_rng([self.seed, int(index)])
         for _ in range(20):
-            crop, window, vr, span, meta = self._pick(rng)
+            crop, window, vr, span, _meta = self._pick(rng)
             orig = window.to_display(crop)
             if float(orig.std()) >= 2.0:  # not a flat background crop
                 break
@@ -168,8 +172,8 @@ class FingerprintCache:
                     kind = f"ctl_{kind}"
                 if mask.any():
                     break
-            except Exception:  # a crop without a site for this kind: draw another kind
-                continue
+            except Exception as exc:  # noqa: BLE001 - a crop without a site for this kind: draw another
+                log.debug("sample %d: %s failed (%s), drawing another edit", index, kind, exc)
         else:
             edited, mask = orig.copy(), np.zeros(orig.shape, bool)
         change = edited.astype(np.float64) - orig
@@ -187,7 +191,7 @@ class FingerprintCache:
             edited, _, _ = benign_display(edited.astype(np.float32), IDENTITY, rng, lstep, value_range=(0.0, 255.0),
                                           frame_span=span * abs(window.gain))
             kind += f"+{lstep}"
-        u8 = lambda a: np.clip(np.rint(a), 0, 255).astype(np.uint8)  # noqa: E731
+        u8 = lambda a: np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return u8(orig), u8(benign), u8(edited), bvalid, labels, kind
 
     def build(self, path: Path | None = None, progress_every: int = 500) -> dict[str, np.ndarray]:
@@ -236,7 +240,7 @@ def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> tuple[float, float]:
     """(TPR, threshold): threshold = the smallest value with at most ``fpr`` of negatives above."""
     neg = np.sort(np.asarray(neg, np.float64))
-    k = int(math.floor(fpr * len(neg)))
+    k = math.floor(fpr * len(neg))
     thr = neg[-1] if k == 0 else neg[len(neg) - k - 1]
     return float(np.mean(np.asarray(pos) > thr)), float(thr)
 
@@ -351,10 +355,10 @@ class FingerprintTrainer:
         for i in idx:
             t = int(rng.integers(8))
             oy, ox = (int(rng.integers(0, g_full - g + 1)) for _ in range(2))
-            for k in xs:
+            for k, parts in xs.items():
                 a = _dihedral(data[k][i], t)
                 s = CELL if k in ("orig", "benign", "edited") else 1
-                xs[k].append(a[oy * s:(oy + g) * s, ox * s:(ox + g) * s])
+                parts.append(a[oy * s:(oy + g) * s, ox * s:(ox + g) * s])
         img = {k: torch.from_numpy(np.stack(xs[k]).astype(np.float32) / 255.0)[:, None]
                for k in ("orig", "benign", "edited")}
         return img, torch.from_numpy(np.stack(xs["bvalid"])), torch.from_numpy(np.stack(xs["labels"]).astype(np.int64))
@@ -385,7 +389,7 @@ class FingerprintTrainer:
         t3, thr3 = tpr_at_fpr(pos, neg, 1e-3)
         t2, _ = tpr_at_fpr(pos, neg, 1e-2)
         return {"val_auc": roc_auc(pos, neg), "val_tpr_fpr1e-3": t3, "val_tpr_fpr1e-2": t2,
-                "val_thr_fpr1e-3": thr3, "val_neg": int(len(neg)), "val_pos": int(len(pos)),
+                "val_thr_fpr1e-3": thr3, "val_neg": len(neg), "val_pos": len(pos),
                 "val_neg_p99": float(np.percentile(neg, 99)), "val_pos_median": float(np.median(pos))}
 
     def run(self, until: int | None = None) -> None:

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from medsec_edge.runtime.crypto.keyset import SealSigner, SealVerifier
 from medsec_edge.runtime.errors import InputError, UsageError
 from medsec_edge.runtime.io.image import MedicalImage

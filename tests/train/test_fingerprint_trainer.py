@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from medsec_edge.evaluation.fingerprint_edits import (
     BENIGN_STEPS,
     EDIT_KINDS,
@@ -17,7 +16,12 @@ from medsec_edge.evaluation.fingerprint_edits import (
 from medsec_edge.runtime.io.image import DisplayWindow
 from medsec_edge.runtime.tamper import fingerprint as fpm
 from medsec_edge.train.fingerprint_model import FingerprintNet, n_parameters
-from medsec_edge.train.fingerprint_trainer import fingerprint_loss, roc_auc, tpr_at_fpr, FingerprintConfig
+from medsec_edge.train.fingerprint_trainer import (
+    FingerprintConfig,
+    fingerprint_loss,
+    roc_auc,
+    tpr_at_fpr,
+)
 
 
 def _display(shape=(128, 160), seed=0) -> np.ndarray:

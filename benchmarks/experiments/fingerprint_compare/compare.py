@@ -43,7 +43,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from medsec_edge.evaluation.fingerprint_edits import (
     BENIGN_STEPS,
     EDIT_KINDS,
@@ -52,7 +51,13 @@ from medsec_edge.evaluation.fingerprint_edits import (
     local_edit,
     valid_cells,
 )
-from medsec_edge.runtime.io.image import DisplayWindow, ImageMeta, MedicalImage, display_window, stored_range
+from medsec_edge.runtime.io.image import (
+    DisplayWindow,
+    ImageMeta,
+    MedicalImage,
+    display_window,
+    stored_range,
+)
 from medsec_edge.runtime.tamper import fingerprint as fpm
 from medsec_edge.runtime.tamper import learned_fingerprint as lfm
 
@@ -90,7 +95,6 @@ def val_frames(n: int, seed: int, exclude: tuple[str, ...] = ()) -> list[tuple[n
 
 def held_out_frames(max_frames: int = 2) -> list[tuple[np.ndarray, ImageMeta, str]]:
     import data_store  # the pydicom-data package: the held-out set, read for reporting only
-
     from medsec_edge.evaluation.held_out import read_held_out
 
     folder = Path(data_store.__file__).parent / "data"
@@ -246,7 +250,7 @@ def roc_auc(p: np.ndarray, n: np.ndarray) -> float:
 def threshold_at(neg: np.ndarray, fpr: float) -> float:
     """The smallest threshold with at most ``fpr`` of ``neg`` strictly above it."""
     s = np.sort(neg)
-    k = int(math.floor(fpr * len(s)))
+    k = math.floor(fpr * len(s))
     return float(s[-1] if k == 0 else s[len(s) - k - 1])
 
 
@@ -258,14 +262,14 @@ def _positives(n_all, thr3, thr4, img_neg, thr_img, pos_cells: dict, pos_img: di
     per = {}
     for (size, change), p in p_by.items():
         ip = img_pos[(size, change)]
-        per[f"{size}px_{int(round(change * 100))}%"] = {
-            "cells": int(len(p)), "edits": int(len(ip)),
+        per[f"{size}px_{round(change * 100)}%"] = {
+            "cells": len(p), "edits": len(ip),
             "cell_auc": roc_auc(p, n_all) if len(p) else None,
             "cell_tpr_fpr1e-3": float(np.mean(p > thr3)) if len(p) else None,
             "cell_tpr_fpr1e-4": float(np.mean(p > thr4)) if len(p) else None,
             "image_tpr_fpr1%": float(np.mean(ip > thr_img)) if len(ip) else None,
         }
-    return {"positive_cells": int(len(p_all)), "edited_images": int(len(img_pos_all)),
+    return {"positive_cells": len(p_all), "edited_images": len(img_pos_all),
             "cell_auc": roc_auc(p_all, n_all),
             "cell_tpr_fpr1e-3": float(np.mean(p_all > thr3)), "cell_tpr_fpr1e-4": float(np.mean(p_all > thr4)),
             "image_tpr_fpr1%": float(np.mean(img_pos_all > thr_img)),
@@ -280,7 +284,7 @@ def summarise(res: dict, methods) -> dict:
         img_neg = np.concatenate([np.asarray(v) for v in res["neg_img"][m.name].values()])
         thr_img = threshold_at(img_neg, 0.01)
         out[m.name] = {
-            "negative_cells": int(len(n_all)), "genuine_images": int(len(img_neg)),
+            "negative_cells": len(n_all), "genuine_images": len(img_neg),
             "cell_threshold_fpr1e-3": thr3, "cell_threshold_fpr1e-4": thr4, "image_threshold_fpr1%": thr_img,
             "benign_cell_p99.9_by_step": {s: float(np.percentile(np.concatenate(v), 99.9))
                                           for s, v in res["neg"][m.name].items()},
@@ -294,9 +298,8 @@ def summarise(res: dict, methods) -> dict:
 
 
 def sizes_and_latency(methods, encoder, frames) -> dict:
-    from PIL import Image
-
     from medsec_edge.runtime.crypto.keyset import SealSigner
+    from PIL import Image
 
     signer = SealSigner.generate()
     frame, meta, _ = max(frames, key=lambda f: min(f[0].shape))

@@ -142,10 +142,10 @@ def _with_header(blob: bytes, **changes) -> bytes:
     return struct.pack("<4sBBHIIHBB8s", *fields) + blob[struct.calcsize("<4sBBHIIHBB8s"):]
 
 
-@pytest.mark.parametrize("change", [dict(magic=b"MEFP"), dict(version=2), dict(flags=2), dict(reserved=1),
-                                    dict(cell=8), dict(cell=32), dict(dims=0), dict(dims=65), dict(dims=3),
-                                    dict(frames=0), dict(frames=2), dict(rows=0), dict(rows=40000),
-                                    dict(cols=321)])
+@pytest.mark.parametrize("change", [{"magic": b"MEFP"}, {"version": 2}, {"flags": 2}, {"reserved": 1},
+                                    {"cell": 8}, {"cell": 32}, {"dims": 0}, {"dims": 65}, {"dims": 3},
+                                    {"frames": 0}, {"frames": 2}, {"rows": 0}, {"rows": 40000},
+                                    {"cols": 321}])
 def test_malformed_headers_are_input_errors(change):
     with pytest.raises(InputError):
         LearnedFingerprint.from_bytes(_with_header(_record().to_bytes(), **change))
