@@ -25,8 +25,8 @@ key under this module's own domain tag (neither the seal's nor the non-learned f
 signatures can be replayed as this one's).
 
 Comparison (``compare_learned``): the recorded windows and geometry are applied to the image under
-test, its codes computed (not rounded) and the per-cell L2 distance to the recorded (int8) codes
-is returned as a ``fingerprint.DeviationMap`` (values in code units, not display levels), with the
+test, its codes computed (not rounded) and the per-cell L2 distance (or, with ``distance="max"``,
+the largest absolute difference) to the recorded (int8) codes is returned as a ``fingerprint.DeviationMap`` (values in code units, not display levels), with the
 same 2 x 2 max pooling, so the same scorer takes either fingerprint. Codes from another encoder
 (a different SHA-256 prefix) are a ``encoder_mismatch``, not a comparison.
 """
@@ -383,9 +383,16 @@ def _mismatch(recorded: LearnedFingerprint, status: str, reason: str) -> Deviati
     return DeviationMap(status, recorded.shape_hw, recorded.cell, reason=reason)
 
 
+DISTANCES = ("l2", "max")
+
+
 def compare_learned_display(recorded: LearnedFingerprint, displays: Sequence[np.ndarray],
-                            encoder: FingerprintEncoder) -> DeviationMap:
-    """Compare frames already in display values 0..255; per-cell L2 code distance (code units)."""
+                            encoder: FingerprintEncoder, *, distance: str = "l2") -> DeviationMap:
+    """Compare frames already in display values 0..255; per-cell code distance in code units:
+    ``l2`` (what the encoder was trained on) or ``max`` (largest |difference| over the values: on
+    validation slightly better for small edits, which move one 8 px sub-cell's value)."""
+    if distance not in DISTANCES:
+        raise UsageError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if encoder.id != recorded.encoder:
         return _mismatch(recorded, "encoder_mismatch", f"recorded with encoder {recorded.encoder.hex()}, "
                                                        f"this bundle's is {encoder.id.hex()}")
@@ -404,11 +411,13 @@ def compare_learned_display(recorded: LearnedFingerprint, displays: Sequence[np.
         if now.shape != rec[i].shape:
             return _mismatch(recorded, "encoder_mismatch", f"encoder gives {now.shape[0]} values a cell, "
                                                            f"the record holds {rec.shape[1]}")
-        dev[i] = np.sqrt(((now - rec[i]) ** 2).sum(axis=0))
+        diff = now - rec[i]
+        dev[i] = np.sqrt((diff**2).sum(axis=0)) if distance == "l2" else np.abs(diff).max(axis=0)
     return DeviationMap("compared", recorded.shape_hw, recorded.cell, dev, _pool_max_2x2(dev))
 
 
-def compare_learned(recorded: LearnedFingerprint, image: MedicalImage, encoder: FingerprintEncoder) -> DeviationMap:
+def compare_learned(recorded: LearnedFingerprint, image: MedicalImage, encoder: FingerprintEncoder, *,
+                    distance: str = "l2") -> DeviationMap:
     """Recompute on ``image`` with the recorded windows and geometry; L2 code distance per cell."""
     if image.meta.is_colour != recorded.colour:
         return _mismatch(recorded, "geometry_mismatch", "colour and greyscale differ from the fingerprinted image")
@@ -417,4 +426,4 @@ def compare_learned(recorded: LearnedFingerprint, image: MedicalImage, encoder: 
                          f"{image.n_frames} frame(s) of {image.shape_hw[0]}x{image.shape_hw[1]}, the "
                          f"fingerprint has {recorded.n_frames} of {recorded.shape_hw[0]}x{recorded.shape_hw[1]}")
     displays, _ = display_frames(image, recorded.windows)
-    return compare_learned_display(recorded, displays, encoder)
+    return compare_learned_display(recorded, displays, encoder, distance=distance)

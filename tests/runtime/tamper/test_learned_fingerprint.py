@@ -243,6 +243,19 @@ def test_a_local_edit_moves_only_its_cells(box_encoder):
     assert dev.regions(5.0)[0].y0 == 96
 
 
+def test_max_distance_is_the_largest_value_difference(box_encoder):
+    image = _phantom()
+    fp = compute_learned_fingerprint(image, box_encoder)
+    edited = image.pixels.copy()
+    edited[96:104, 32:40] += 200  # one 8 px sub-cell of cell (6, 2): one code value moves
+    now = MedicalImage(edited, image.meta)
+    l2 = compare_learned(fp, now, box_encoder).cells[0, 6, 2]
+    mx = compare_learned(fp, now, box_encoder, distance="max").cells[0, 6, 2]
+    assert mx > 20 and abs(l2 - mx) < 1.5
+    with pytest.raises(UsageError):
+        compare_learned(fp, now, box_encoder, distance="l1")
+
+
 def test_mismatches_are_reported_not_compared(box_encoder):
     image = _phantom()
     fp = compute_learned_fingerprint(image, box_encoder)
