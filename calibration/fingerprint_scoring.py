@@ -49,6 +49,7 @@ KEPT_STEPS = ("none", "lossless", "jpeg", "j2k", "resize", "crop", "noise", "blu
 STRIPPED_STEPS = ("png", "jpeg80", "jpeg95", "png_resize", "jpeg_resize", "png_crop", "jpeg_crop_resize")
 EDIT_SIZES = (16, 24, 32, 48)
 EDIT_CONTRASTS = (0.03, 0.05, 0.10)
+CT_WINDOWS = ((40.0, 400.0), (50.0, 350.0), (-600.0, 1500.0), (300.0, 1500.0), (40.0, 80.0))  # HU
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Sample:
     covered: np.ndarray
     laplacian: np.ndarray  # the test frame's smoothed Laplacian at the cell centres
     std: np.ndarray  # the test frame's local standard deviation there
+    clipped: np.ndarray  # the test frame's share of pixels at the display bounds there
 
 
 def _display_u8(display: np.ndarray) -> np.ndarray:
@@ -145,11 +147,11 @@ def _residual(fp, display: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     alignment = align(fp.values[0], fp.cell, fp.shape_hw, display)
     if alignment is None:
         return None
-    means, covered, lap, std = cell_means_at(display, fp.cell, fp.shape_hw, alignment, laplacian=True)
+    means, covered, lap, std, clipped = cell_means_at(display, fp.cell, fp.shape_hw, alignment, laplacian=True)
     if covered.sum() < 16:
         return None
     return (residuals(fp.values[0], means, covered, lap).astype(np.float32), covered, lap.astype(np.float32),
-            std.astype(np.float32))
+            std.astype(np.float32), clipped.astype(np.float32))
 
 
 def build_samples(frames, *, seed: int, per_step: int = 1, progress=None) -> tuple[list, list[Sample]]:
@@ -159,6 +161,11 @@ def build_samples(frames, *, seed: int, per_step: int = 1, progress=None) -> tup
         image = rf.image
         if image.meta.is_colour or image.n_frames != 1:
             continue
+        if rf.modality == "CT" and rng.random() < 0.6:
+            # a clinical window instead of the source's (or of the 0.5-99.5% range): air and bone
+            # then clip, as on a PACS viewer, which is what the held-out CTs look like
+            center, width = CT_WINDOWS[int(rng.integers(len(CT_WINDOWS)))]
+            image = replace(image, meta=replace(image.meta, window=(center, width)))
         frame = image.frames()[0]
         window = display_window(image.meta, frame)
         value_range = stored_range(image.meta, frame.dtype)
@@ -205,7 +212,7 @@ def scores(fps, samples: list[Sample], params: ScoringParams) -> np.ndarray:
     out = np.empty(len(samples))
     for i, s in enumerate(samples):
         fp = fps[s.frame][1]
-        rel = _scale_map(fp.values[0], params, s.laplacian, fp.cell, s.std)
+        rel = _scale_map(fp.values[0], params, s.laplacian, fp.cell, s.std, s.clipped)
         u = np.abs(s.residual[s.covered]) / rel[s.covered]
         noise = max(params.floor, 1.4826 * float(np.median(u)))
         z = s.residual / (noise * rel)
@@ -245,9 +252,9 @@ def search(fps, samples: list[Sample], *, quantile_kept: float = 0.999, quantile
               and s.contrast == 0.03]
     stripped_target = [i for i, s in enumerate(samples) if s.setting == "stripped" and s.size in (16, 24, 32)
                        and s.contrast == 0.03]
-    for floor, gg, cg, tg in itertools.product((0.45, 0.6, 0.8), (0.0, 0.01, 0.02), (0.04, 0.08),
-                                               (0.0, 0.01, 0.02, 0.04)):
-        p = ScoringParams(floor=floor, gradient_gain=gg, curvature_gain=cg, texture_gain=tg)
+    for floor, gg, cg, tg, kg in itertools.product((0.45, 0.8), (0.0, 0.02), (0.04, 0.08), (0.0, 0.02, 0.04),
+                                                   (0.0, 2.0, 5.0, 10.0)):
+        p = ScoringParams(floor=floor, gradient_gain=gg, curvature_gain=cg, texture_gain=tg, clip_edge_gain=kg)
         sc = scores(fps, samples, p)
         thr = float(np.quantile(sc[kept_neg], quantile_kept))
         thr_s = float(np.quantile(sc[stripped_neg], quantile_stripped)) if stripped_neg else thr

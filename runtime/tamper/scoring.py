@@ -62,6 +62,7 @@ class ScoringParams:
     gradient_gain: float = 0.02  # extra scale per display level of |gradient| between neighbour cells
     curvature_gain: float = 0.08  # extra scale per level of fine detail (test Laplacian x cell variance)
     texture_gain: float = 0.0  # extra scale per level of the test frame's local standard deviation
+    clip_edge_gain: float = 0.0  # extra scale on the edge of a clipped area (half its pixels at a bound)
     threshold: float = 11.28  # on the image score (z), header kept: above it, tampered
     registry_threshold: float = 4.34  # the same for an export compared through the registry
     mask_fraction: float = 0.5  # a region's pixels are those above this share of its peak residual
@@ -142,6 +143,13 @@ class SmoothedFrame:
         self.display = np.asarray(display, dtype=np.float32)
         self._cache: dict[float, tuple[np.ndarray, int]] = {}
         self._squares: SmoothedFrame | None = None
+        self._clipped: SmoothedFrame | None = None
+
+    def clipped_share(self, sigma: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Gaussian-weighted share of pixels at the display's bounds (0 or 255) around each point."""
+        if self._clipped is None:
+            self._clipped = SmoothedFrame(((self.display <= 0.5) | (self.display >= 254.5)).astype(np.float32))
+        return np.clip(self._clipped.sample(sigma, ys, xs), 0.0, 1.0)
 
     def local_std(self, sigma: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Gaussian-weighted standard deviation of the frame around ``ys`` x ``xs``."""
@@ -198,8 +206,10 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
 
     Returns (means gh x gw float32, covered bool gh x gw), and with ``laplacian`` also the
     Laplacian of the smoothed test frame there (levels per px^2: what a blur changes a mean by,
-    times half its variance) and the frame's standard deviation under each cell's Gaussian
-    (texture and edges: where lossy coding leaves most error). With an exact alignment the weights are the recorded ones (borders
+    times half its variance), the frame's standard deviation under each cell's Gaussian
+    (texture and edges: where lossy coding leaves most error) and the share of its pixels at the
+    display's bounds there (a cell on the edge of a clipped area moves when a blur or resampling
+    of the stored values shifts that edge). With an exact alignment the weights are the recorded ones (borders
     normalised alike), so every cell is covered; otherwise a cell is covered when its 3-sigma
     support lies inside the test frame.
     """
@@ -219,7 +229,8 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
         rows, rows2 = wy @ plain, wy2 @ plain
         means = rows @ wx.T
         std = np.sqrt(np.maximum((wy @ (plain * plain)) @ wx.T - means * means, 0.0))
-        return means, covered, rows2 @ wx.T + rows @ wx2.T, std
+        clipped = (wy @ ((plain <= 0.5) | (plain >= 254.5)).astype(np.float32)) @ wx.T
+        return means, covered, rows2 @ wx.T + rows @ wx2.T, std, np.clip(clipped, 0.0, 1.0)
     frame = display if isinstance(display, SmoothedFrame) else SmoothedFrame(display)
     h, w = frame.display.shape
     s = alignment.scale
@@ -233,7 +244,7 @@ def cell_means_at(display: np.ndarray | SmoothedFrame, cell: int, recorded_hw: t
         return frame.sample(sigma * s, ys, xs), covered
     # per test px^2; in recorded px^2 (what the fit compares across images) times s^2
     return (frame.sample(sigma * s, ys, xs), covered, frame.laplacian(sigma * s, ys, xs) * (s * s),
-            frame.local_std(sigma * s, ys, xs))
+            frame.local_std(sigma * s, ys, xs), frame.clipped_share(sigma * s, ys, xs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +444,8 @@ def residuals(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray,
 
 
 def _scale_map(recorded: np.ndarray, params: ScoringParams, test_laplacian: np.ndarray | None = None,
-               cell: int = 8, test_std: np.ndarray | None = None) -> np.ndarray:
+               cell: int = 8, test_std: np.ndarray | None = None,
+               test_clipped: np.ndarray | None = None) -> np.ndarray:
     """Relative residual scale per cell: 1, more on edges (gradient) and fine detail (the test
     frame's pixel-scale Laplacian, in levels over a cell's variance, else the grid's)."""
     gy, gx, lap = _structure(recorded)
@@ -441,7 +453,12 @@ def _scale_map(recorded: np.ndarray, params: ScoringParams, test_laplacian: np.n
     if test_laplacian is not None:
         lap = np.nan_to_num(np.asarray(test_laplacian, dtype=np.float64)) * (cell / 2.0) ** 2
     texture = 0.0 if test_std is None else params.texture_gain * np.nan_to_num(np.asarray(test_std, np.float64))
-    return np.sqrt(1.0 + (params.gradient_gain * grad) ** 2 + (params.curvature_gain * lap) ** 2 + texture ** 2)
+    clip_edge = 0.0
+    if test_clipped is not None:  # 0 inside or outside a clipped area, 1 half way across its edge
+        share = np.nan_to_num(np.asarray(test_clipped, np.float64))
+        clip_edge = params.clip_edge_gain * 4.0 * share * (1.0 - share)
+    return np.sqrt(1.0 + (params.gradient_gain * grad) ** 2 + (params.curvature_gain * lap) ** 2 + texture ** 2
+                   + clip_edge ** 2)
 
 
 def _block_z(z: np.ndarray) -> np.ndarray:
@@ -453,10 +470,10 @@ def _block_z(z: np.ndarray) -> np.ndarray:
 
 def frame_z(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray, params: ScoringParams,
             test_laplacian: np.ndarray | None = None, cell: int = 8, test_std: np.ndarray | None = None,
-            ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+            test_clipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(z map, residual map, noise scale, image-score map) for one frame."""
     r = residuals(recorded, test, covered, test_laplacian)
-    rel = _scale_map(recorded, params, test_laplacian, cell, test_std)
+    rel = _scale_map(recorded, params, test_laplacian, cell, test_std, test_clipped)
     u = np.abs(r[covered]) / rel[covered]
     noise = max(params.floor, 1.4826 * float(np.median(u))) if u.size else params.floor
     z = r / (noise * rel)
@@ -552,7 +569,7 @@ def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: Scori
     for i, display in enumerate(displays):
         nan = np.full(values[i].shape, np.nan, dtype=np.float32)
         alignment = alignments[i] if alignments is not None else align(values[i], fp.cell, fp.shape_hw, display)
-        means, covered, lap, std = (None, None, None, None) if alignment is None else cell_means_at(
+        means, covered, lap, std, clipped = (None,) * 5 if alignment is None else cell_means_at(
             display, fp.cell, fp.shape_hw, alignment, laplacian=True)
         if alignment is None or covered.sum() < params.min_covered:
             used.append(alignment or Alignment(1.0, 0.0, 0.0, -1.0, False))
@@ -561,7 +578,7 @@ def score_displays(fp: Fingerprint, displays: list[np.ndarray], *, params: Scori
             maps.append(np.zeros(values[i].shape, dtype=np.float32))
             continue
         used.append(alignment)
-        z, r, noise, smap = frame_z(values[i], means, covered, params, lap, fp.cell, std)
+        z, r, noise, smap = frame_z(values[i], means, covered, params, lap, fp.cell, std, clipped)
         covered_total += int(covered.sum())
         noises.append(noise)
         zs.append(z.astype(np.float32))
