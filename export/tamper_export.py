@@ -26,6 +26,23 @@ from medsec_edge.runtime.tamper.checker import MODEL_NAME
 log = logging.getLogger(__name__)
 
 
+def _write_in_place(out_dir: Path, bundle_dir: Path, data: dict, files: dict, private) -> Path:
+    """write_bundle, keeping the files of ``bundle_dir`` that its manifest does not list (another
+    model waiting for its entry, e.g. fp_encoder.onnx) when the bundle is rewritten in place:
+    write_bundle replaces the directory whole, and this export must replace only its own entry."""
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    keep: dict[str, bytes] = {}
+    if out_dir.resolve() == bundle_dir.resolve() and bundle_dir.is_dir():
+        listed = {"manifest.json", "manifest.sig", *(str(e.get("file", "")) for e in data["models"].values())}
+        listed |= {Path(p).name for p in files.values()}
+        keep = {p.name: p.read_bytes() for p in bundle_dir.iterdir() if p.is_file() and p.name not in listed}
+    out = write_bundle(out_dir, data, files, private, overwrite=True)
+    for name, blob in keep.items():
+        (out / name).write_bytes(blob)
+        log.info("kept %s (in the bundle folder, not in its manifest)", name)
+    return out
+
+
 def load_detector(checkpoint: Path):
     import torch
 
@@ -156,7 +173,7 @@ def add_to_bundle(checkpoint: Path, bundle_dir: Path, *, out_dir: Path | None = 
         data.setdefault("budgets_ms", {}).update({"check_512": 30, "check_2048": 300})
         data.setdefault("calibration", {})["tamper"] = calibration
         session.close()
-        out = write_bundle(out_dir, data, files, private, overwrite=True)
+        out = _write_in_place(out_dir, bundle_dir, data, files, private)
     if trusted_dir is not None:
         from cryptography.hazmat.primitives import serialization
 
@@ -214,7 +231,7 @@ def record_evaluation(bundle_dir: Path, eval_json: Path, *, signing_key: Path = 
             path = Path(tmp) / f"{name}.src"
             path.write_bytes(bundle.model_bytes(name))
             files[name] = path
-        out = write_bundle(bundle_dir, data, files, private, overwrite=True)
+        out = _write_in_place(bundle_dir, bundle_dir, data, files, private)
     log.info("evaluation.tamper recorded in %s", out)
     return out
 

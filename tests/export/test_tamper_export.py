@@ -182,6 +182,7 @@ def test_record_evaluation_writes_the_summary_and_keeps_the_models(tamper_bundle
 
     target = tmp_path / "bundle"
     shutil.copytree(tamper_bundles.calibrated, target)
+    (target / "fp_encoder.onnx").write_bytes(b"another model, its manifest entry not signed yet")
     before = manifest_of(target)
     record_evaluation(target, _eval_json(tmp_path / "tamper_eval.json"), signing_key=tamper_bundles.signing_key,
                       trusted_dir=tamper_bundles.trust_dir)
@@ -194,3 +195,5 @@ def test_record_evaluation_writes_the_summary_and_keeps_the_models(tamper_bundle
     assert ev["operating_points"]["fpr1"]["fpr_by_benign_step"] == {"jpeg": 0.02, "none": 0.0}
     assert ev["roc_tpr_at_fpr"]["trained"] == {"fpr1": 0.3, "fpr0.1": 0.1}
     assert ev["command"].startswith("medsec-edge eval tamper") and ev["images"] == 2
+    # a file in the folder that the manifest does not list (yet) is kept: only our entry changes
+    assert (target / "fp_encoder.onnx").read_bytes() == b"another model, its manifest entry not signed yet"
