@@ -252,8 +252,8 @@ def search(fps, samples: list[Sample], *, quantile_kept: float = 0.999, quantile
               and s.contrast == 0.03]
     stripped_target = [i for i, s in enumerate(samples) if s.setting == "stripped" and s.size in (16, 24, 32)
                        and s.contrast == 0.03]
-    for floor, gg, cg, tg, kg in itertools.product((0.45, 0.8), (0.0, 0.02), (0.04, 0.08), (0.0, 0.02, 0.04),
-                                                   (0.0, 2.0, 5.0, 10.0)):
+    for floor, gg, cg, tg, kg in itertools.product((0.8,), (0.02,), (0.04, 0.08), (0.0, 0.02),
+                                                   (5.0, 10.0, 20.0)):
         p = ScoringParams(floor=floor, gradient_gain=gg, curvature_gain=cg, texture_gain=tg, clip_edge_gain=kg)
         sc = scores(fps, samples, p)
         thr = float(np.quantile(sc[kept_neg], quantile_kept))
