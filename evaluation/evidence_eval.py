@@ -434,6 +434,7 @@ class Example:
     display: np.ndarray
     truth: np.ndarray
     pred: np.ndarray
+    image: str = ""
 
 
 def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray, tools: Tools, size: EvalSize, *,
@@ -477,10 +478,10 @@ def evaluate_image(name: str, src: Path, image: MedicalImage, donor: np.ndarray,
         if (shown is not None and truth2d is not None and pred is not None and row.get("size", 0) >= 32
                 and row.get("contrast_pct", 0.0) >= 3.0
                 and row.get("step") is None and len(same) < EXAMPLES[setting]
-                and not any(e.title.split(",")[0] == row["family"] for e in same)):
+                and not any(e.title.split(",")[0] == row["family"] or e.image == name for e in same)):
             p2 = pred[min(edit_index, len(pred) - 1)] if setting == "header_kept" else pred[0]
             if p2.shape == truth2d.shape:
-                examples.append(Example(setting, title, shown, truth2d, p2))
+                examples.append(Example(setting, title, shown, truth2d, p2, name))
         rows.append({**base, "setting": setting, **row})
 
     # Edits of the protected middle frame, shared by both settings.
