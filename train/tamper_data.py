@@ -112,6 +112,9 @@ def load_real(split: str, max_side: int = 1024) -> tuple[list[Source], str]:
     for rf in frames:
         image = rf.image
         frame = image.frames()[0]
+        grey = frame[..., :3].astype(np.float32) @ np.float32([0.299, 0.587, 0.114]) if image.meta.is_colour else frame
+        if float(grey.max()) - float(grey.min()) < 1.0:  # blank (between cine loops, a dark tile): no content
+            continue
         out.append(Source(np.ascontiguousarray(frame), image.meta, str(rf.group)))
     if out:
         return out, "real_data"
@@ -162,9 +165,13 @@ class TamperSamples:
         frame = src.frame
         h, w = frame.shape[:2]
         sh, sw = min(self.side, h), min(self.side, w)
-        y = int(rng.integers(0, h - sh + 1))
-        x = int(rng.integers(0, w - sw + 1))
-        return Source(np.ascontiguousarray(frame[y : y + sh, x : x + sw]), src.meta, src.group)
+        for _ in range(8):  # an ultrasound screen or the air around a CT: skip windows with nothing in them
+            y = int(rng.integers(0, h - sh + 1))
+            x = int(rng.integers(0, w - sw + 1))
+            window = frame[y : y + sh, x : x + sw]
+            if int(window.max()) - int(window.min()) >= 1:
+                break
+        return Source(np.ascontiguousarray(window), src.meta, src.group)
 
     def _source(self, rng: np.random.Generator) -> Source:
         if rng.random() < self.p_real and self.real:
@@ -267,5 +274,10 @@ class TamperSamples:
             y0 = int(np.clip(cy - rng.integers(c // 4, 3 * c // 4), 0, h - c))
             x0 = int(np.clip(cx - rng.integers(c // 4, 3 * c // 4), 0, w - c))
         else:
-            y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+            # a few tries for a crop with content: real frames (an ultrasound screen, the air
+            # around a CT) have flat areas that teach nothing and make a constant input
+            for _ in range(8):
+                y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+                if x[y0 : y0 + c, x0 : x0 + c].std() > 0:
+                    break
         return x[y0 : y0 + c, x0 : x0 + c], mask[y0 : y0 + c, x0 : x0 + c]
