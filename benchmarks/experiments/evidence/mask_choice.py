@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from medsec_edge.evaluation.manipulations import manipulate
+from medsec_edge.runtime.errors import UsageError
 from medsec_edge.runtime.io.image import stored_range
 from medsec_edge.runtime.tamper.fingerprint import compute_fingerprint
 from medsec_edge.runtime.tamper.scoring import DEFAULT_PARAMS, pixel_mask, score_displays
@@ -39,7 +40,7 @@ def main() -> None:
             for size in (32, 48, 64):
                 try:
                     edit = manipulate(frame, kind, rng, value_range=value_range, size=size)
-                except Exception:  # noqa: BLE001 - no site for this family on this frame
+                except UsageError:  # no site for this family on this frame
                     continue
                 result = score_displays(fp, [to_display(edit.pixels)])
                 if result.tampered:
