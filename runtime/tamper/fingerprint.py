@@ -49,11 +49,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from medsec_edge.runtime.crypto.keyset import SealSigner, SealVerifier
 from medsec_edge.runtime.errors import InputError, UsageError
-from medsec_edge.runtime.io.image import (
-    DisplayWindow,
-    MedicalImage,
-    display_window,
-    luminance,
+from medsec_edge.runtime.io.image import MedicalImage, display_window, luminance
+from medsec_edge.runtime.tamper.signed_record import (
+    FrameWindow,
+    open_record,
+    pack_windows,
+    read_windows,
+    record_key_id,
+    seal_record,
 )
 
 __all__ = [
@@ -86,10 +89,7 @@ _MAGIC = b"MEFP"
 _SIG_MAGIC = b"MEFS"
 _DOMAIN = b"medsec-edge fingerprint v1"  # differs from the seal's "medsec-edge seal v1"
 _HEADER = struct.Struct("<4sBBHIIHBB")  # magic, version, flags, frames, rows, cols, cell, quant, 0
-_WINDOW = struct.Struct("<ddddB")
 _LENGTH = struct.Struct("<I")
-_KEY_ID_CHARS = 16
-_SIGNATURE_BYTES = 64
 # Bounds a header must respect before anything is allocated: those of the readers' defaults
 # (limits.ReadLimits: 32768 px a side, 4096 frames) and a total cell budget no real image needs.
 _MAX_SIDE = 32768
@@ -108,25 +108,6 @@ def cell_size_for(shape_hw: tuple[int, int]) -> int:
 
 def _grid_shape(shape_hw: tuple[int, int], cell: int) -> tuple[int, int]:
     return -(-shape_hw[0] // cell), -(-shape_hw[1] // cell)
-
-
-@dataclass(frozen=True)
-class FrameWindow:
-    """The display window a frame was fingerprinted with (modality units; DESIGN.md, Measures)."""
-
-    lower: float
-    upper: float
-    slope: float
-    intercept: float
-    inverted: bool
-
-    @classmethod
-    def from_display_window(cls, window: DisplayWindow) -> FrameWindow:
-        return cls(float(window.lower), float(window.upper), float(window.slope),
-                   float(window.intercept), bool(window.inverted))
-
-    def to_display_window(self) -> DisplayWindow:
-        return DisplayWindow(self.lower, self.upper, self.slope, self.intercept, self.inverted)
 
 
 @dataclass(frozen=True)
@@ -173,8 +154,7 @@ class Fingerprint:
         flags = _FLAG_COLOUR if self.colour else 0
         parts = [_HEADER.pack(_MAGIC, self.version, flags, self.n_frames, self.shape_hw[0],
                               self.shape_hw[1], self.cell, QUANT_LEVELS, 0)]
-        parts += [_WINDOW.pack(w.lower, w.upper, w.slope, w.intercept, int(w.inverted))
-                  for w in self.windows]
+        parts.append(pack_windows(self.windows))
         parts += [_LENGTH.pack(len(body)), body]
         return b"".join(parts)
 
@@ -206,19 +186,9 @@ class Fingerprint:
         if n_cells > _MAX_TOTAL_CELLS:
             raise InputError(f"fingerprint record claims {n_cells} cells, more than "
                              f"{_MAX_TOTAL_CELLS}")
-        offset = _HEADER.size
-        needed = offset + frames * _WINDOW.size + _LENGTH.size
-        if len(data) < needed:
-            raise InputError("fingerprint record is truncated inside its window table")
-        windows = []
-        for _ in range(frames):
-            lower, upper, slope, intercept, inverted = _WINDOW.unpack_from(data, offset)
-            offset += _WINDOW.size
-            if not all(math.isfinite(v) and abs(v) <= 1e15 for v in (lower, upper, slope, intercept)):
-                raise InputError("fingerprint record has a window that is not finite")
-            if not upper > lower or slope == 0 or inverted not in (0, 1):
-                raise InputError("fingerprint record has an empty or malformed window")
-            windows.append(FrameWindow(lower, upper, slope, intercept, bool(inverted)))
+        windows, offset = read_windows(data, _HEADER.size, frames, "fingerprint")
+        if len(data) < offset + _LENGTH.size:
+            raise InputError("fingerprint record is truncated after its window table")
         (length,) = _LENGTH.unpack_from(data, offset)
         offset += _LENGTH.size
         if length != len(data) - offset:
@@ -341,44 +311,14 @@ def compute_fingerprint(image: MedicalImage) -> Fingerprint:
 # signing
 
 
-def _lp(data: bytes) -> bytes:
-    return len(data).to_bytes(8, "big") + data
-
-
-def _signed_message(key_id: str, body: bytes) -> bytes:
-    return _lp(_DOMAIN) + _lp(key_id.encode("ascii")) + _lp(body)
-
-
 def sign_fingerprint(fp: Fingerprint, signer: SealSigner) -> bytes:
-    """``MEFS`` + key id (16 ASCII hex) + Ed25519 signature (64) + body length (u32 LE) + the
-    fingerprint's bytes + one NUL if that makes the length odd: DICOM pads an OB value to an even
-    length, so the envelope says where the body ends and tolerates exactly that pad."""
-    key_id = signer.key_id
-    if len(key_id) != _KEY_ID_CHARS or not key_id.isascii():
-        raise InputError(f"seal key id must be {_KEY_ID_CHARS} ASCII characters")
-    body = fp.to_bytes()
-    signature = signer.sign(_signed_message(key_id, body))
-    blob = _SIG_MAGIC + key_id.encode("ascii") + signature + _LENGTH.pack(len(body)) + body
-    return blob + b"\0" * (len(blob) % 2)
-
-
-def _verifier_map(verifiers: Mapping[str, SealVerifier] | Iterable[SealVerifier] | SealVerifier):
-    if isinstance(verifiers, SealVerifier):
-        return {verifiers.key_id: verifiers}
-    if isinstance(verifiers, Mapping):
-        return dict(verifiers)
-    return {v.key_id: v for v in verifiers}
+    """The fingerprint's bytes in the signed envelope of ``signed_record`` (magic ``MEFS``)."""
+    return seal_record(_SIG_MAGIC, _DOMAIN, fp.to_bytes(), signer)
 
 
 def signed_key_id(blob: bytes) -> str:
     """The key id a signed fingerprint names (to tell "unknown key" from "invalid")."""
-    head = len(_SIG_MAGIC) + _KEY_ID_CHARS
-    if len(blob) < head + _SIGNATURE_BYTES or blob[: len(_SIG_MAGIC)] != _SIG_MAGIC:
-        raise InputError("not a signed medsec-edge fingerprint (wrong magic or truncated)")
-    try:
-        return blob[len(_SIG_MAGIC):head].decode("ascii")
-    except UnicodeDecodeError:
-        raise InputError("signed fingerprint has a key id that is not ASCII") from None
+    return record_key_id(bytes(blob), _SIG_MAGIC, "fingerprint")
 
 
 def verify_fingerprint(blob: bytes,
@@ -389,24 +329,8 @@ def verify_fingerprint(blob: bytes,
     A blob that is not a signed fingerprint at all (wrong magic, truncated) is an ``InputError``;
     an unknown key or a signature that does not verify is None (a verdict, not an error).
     """
-    blob = bytes(blob)
-    key_id = signed_key_id(blob)
-    verifier = _verifier_map(verifiers).get(key_id)
-    if verifier is None:
-        return None
-    head = len(_SIG_MAGIC) + _KEY_ID_CHARS
-    signature = blob[head: head + _SIGNATURE_BYTES]
-    start = head + _SIGNATURE_BYTES + _LENGTH.size
-    if len(blob) < start:
-        raise InputError("signed fingerprint is truncated before its body")
-    (length,) = _LENGTH.unpack_from(blob, head + _SIGNATURE_BYTES)
-    body, pad = blob[start: start + length], blob[start + length:]
-    if len(body) != length or pad not in (b"", b"\0"):
-        raise InputError(f"signed fingerprint says {length} body bytes, {len(blob) - start} follow: "
-                         "truncated or padded")
-    if not verifier.verify(signature, _signed_message(key_id, body)):
-        return None
-    return Fingerprint.from_bytes(body)
+    body = open_record(blob, _SIG_MAGIC, _DOMAIN, "fingerprint", verifiers)
+    return None if body is None else Fingerprint.from_bytes(body)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ same 2 x 2 max pooling, so the same scorer takes either fingerprint. Codes from 
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,6 +50,12 @@ from medsec_edge.runtime.tamper.fingerprint import (
     _pool_max_2x2,
     cell_size_for,
     display_frames,
+)
+from medsec_edge.runtime.tamper.signed_record import (
+    open_record,
+    pack_windows,
+    read_windows,
+    seal_record,
 )
 
 __all__ = [
@@ -77,10 +82,7 @@ _MAGIC = b"MELF"
 _SIG_MAGIC = b"MELS"
 _DOMAIN = b"medsec-edge learned fingerprint v1"
 _HEADER = struct.Struct("<4sBBHIIHBB8s")  # magic, version, flags, frames, rows, cols, cell, dims, 0, encoder id
-_WINDOW = struct.Struct("<ddddB")
 _LENGTH = struct.Struct("<I")
-_KEY_ID_CHARS = 16
-_SIGNATURE_BYTES = 64
 _MAX_SIDE = 32768
 _MAX_FRAMES = 4096
 _MAX_DIMS = 64
@@ -152,7 +154,7 @@ class LearnedFingerprint:
         flags = _FLAG_COLOUR if self.colour else 0
         parts = [_HEADER.pack(_MAGIC, self.version, flags, self.n_frames, self.shape_hw[0], self.shape_hw[1],
                               self.cell, codes.shape[1], 0, bytes(self.encoder))]
-        parts += [_WINDOW.pack(w.lower, w.upper, w.slope, w.intercept, int(w.inverted)) for w in self.windows]
+        parts.append(pack_windows(self.windows))
         parts += [_LENGTH.pack(len(body)), body]
         return b"".join(parts)
 
@@ -185,18 +187,9 @@ class LearnedFingerprint:
         n_values = frames * dims * gh * gw
         if n_values > _MAX_TOTAL_VALUES:
             raise InputError(f"learned fingerprint record claims {n_values} values, more than {_MAX_TOTAL_VALUES}")
-        offset = _HEADER.size
-        if len(data) < offset + frames * _WINDOW.size + _LENGTH.size:
-            raise InputError("learned fingerprint record is truncated inside its window table")
-        windows = []
-        for _ in range(frames):
-            lower, upper, slope, intercept, inverted = _WINDOW.unpack_from(data, offset)
-            offset += _WINDOW.size
-            if not all(math.isfinite(v) and abs(v) <= 1e15 for v in (lower, upper, slope, intercept)):
-                raise InputError("learned fingerprint record has a window that is not finite")
-            if not upper > lower or slope == 0 or inverted not in (0, 1):
-                raise InputError("learned fingerprint record has an empty or malformed window")
-            windows.append(FrameWindow(lower, upper, slope, intercept, bool(inverted)))
+        windows, offset = read_windows(data, _HEADER.size, frames, "learned fingerprint")
+        if len(data) < offset + _LENGTH.size:
+            raise InputError("learned fingerprint record is truncated after its window table")
         (length,) = _LENGTH.unpack_from(data, offset)
         offset += _LENGTH.size
         if length != len(data) - offset:
@@ -330,21 +323,9 @@ def compute_learned_fingerprint(image: MedicalImage, encoder: FingerprintEncoder
 # signing
 
 
-def _lp(data: bytes) -> bytes:
-    return len(data).to_bytes(8, "big") + data
-
-
-def _signed_message(key_id: str, body: bytes) -> bytes:
-    return _lp(_DOMAIN) + _lp(key_id.encode("ascii")) + _lp(body)
-
-
 def sign_learned_fingerprint(fp: LearnedFingerprint, signer: SealSigner) -> bytes:
-    """``MELS`` + key id (16 ASCII hex) + Ed25519 signature (64) + the record's bytes."""
-    key_id = signer.key_id
-    if len(key_id) != _KEY_ID_CHARS or not key_id.isascii():
-        raise InputError(f"seal key id must be {_KEY_ID_CHARS} ASCII characters")
-    body = fp.to_bytes()
-    return _SIG_MAGIC + key_id.encode("ascii") + signer.sign(_signed_message(key_id, body)) + body
+    """The record's bytes in the signed envelope of ``signed_record`` (magic ``MELS``)."""
+    return seal_record(_SIG_MAGIC, _DOMAIN, fp.to_bytes(), signer)
 
 
 def verify_learned_fingerprint(blob: bytes,
@@ -352,27 +333,8 @@ def verify_learned_fingerprint(blob: bytes,
                                ) -> LearnedFingerprint | None:
     """The record if one of ``verifiers`` signed exactly these bytes, else None (unknown key or bad
     signature); a blob that is not a signed learned fingerprint at all is an ``InputError``."""
-    blob = bytes(blob)
-    head = len(_SIG_MAGIC) + _KEY_ID_CHARS
-    if len(blob) < head + _SIGNATURE_BYTES or blob[: len(_SIG_MAGIC)] != _SIG_MAGIC:
-        raise InputError("not a signed medsec-edge learned fingerprint (wrong magic or truncated)")
-    try:
-        key_id = blob[len(_SIG_MAGIC):head].decode("ascii")
-    except UnicodeDecodeError:
-        raise InputError("signed learned fingerprint has a key id that is not ASCII") from None
-    if isinstance(verifiers, SealVerifier):
-        table = {verifiers.key_id: verifiers}
-    elif isinstance(verifiers, Mapping):
-        table = dict(verifiers)
-    else:
-        table = {v.key_id: v for v in verifiers}
-    verifier = table.get(key_id)
-    if verifier is None:
-        return None
-    signature, body = blob[head: head + _SIGNATURE_BYTES], blob[head + _SIGNATURE_BYTES:]
-    if not verifier.verify(signature, _signed_message(key_id, body)):
-        return None
-    return LearnedFingerprint.from_bytes(body)
+    body = open_record(blob, _SIG_MAGIC, _DOMAIN, "learned fingerprint", verifiers)
+    return None if body is None else LearnedFingerprint.from_bytes(body)
 
 
 # --------------------------------------------------------------------------------------------
