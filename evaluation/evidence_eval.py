@@ -63,6 +63,7 @@ from medsec_edge.evaluation.tamper_eval import (
     grey_frame,
 )
 from medsec_edge.evaluation.tamper_eval import _json_default as json_default
+from medsec_edge.evaluation.tamper_eval import _pct
 from medsec_edge.evaluation.tamper_eval import _rng as seeded_rng
 from medsec_edge.runtime.errors import InputError, MedsecError, UsageError
 from medsec_edge.runtime.io.image import (
@@ -697,17 +698,6 @@ def never_protected_headline(blind: dict) -> dict:
 
 
 # --- report ---------------------------------------------------------------------------------------
-
-
-def _pct(r: dict | float | None) -> str:
-    if r is None:
-        return "n/a"
-    if isinstance(r, dict):
-        if not r.get("n"):
-            return "n/a"
-        lo, hi = r["ci95"]
-        return f"{100 * r['rate']:.1f}% ({r['k']}/{r['n']}; {100 * lo:.1f}-{100 * hi:.1f})"
-    return "n/a" if r != r else f"{100 * r:.1f}%"
 
 
 def _f(v: float | None, digits: int = 3) -> str:
