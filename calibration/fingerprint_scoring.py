@@ -38,10 +38,9 @@ from medsec_edge.runtime.io.image import display_window, stored_range
 from medsec_edge.runtime.tamper.fingerprint import compute_fingerprint, display_frames
 from medsec_edge.runtime.tamper.scoring import (
     ScoringParams,
-    _block_z,
-    _scale_map,
     align,
     cell_means_at,
+    normalised,
     residuals,
 )
 
@@ -212,11 +211,9 @@ def scores(fps, samples: list[Sample], params: ScoringParams) -> np.ndarray:
     out = np.empty(len(samples))
     for i, s in enumerate(samples):
         fp = fps[s.frame][1]
-        rel = _scale_map(fp.values[0], params, s.laplacian, fp.cell, s.std, s.clipped)
-        u = np.abs(s.residual[s.covered]) / rel[s.covered]
-        noise = max(params.floor, 1.4826 * float(np.median(u)))
-        z = s.residual / (noise * rel)
-        out[i] = float(np.abs(_block_z(z)).max())
+        _, _, score_map = normalised(s.residual, s.covered, fp.values[0], params, s.laplacian, fp.cell, s.std,
+                                     s.clipped)
+        out[i] = float(score_map.max())
     return out
 
 

@@ -486,15 +486,24 @@ def frame_z(recorded: np.ndarray, test: np.ndarray, covered: np.ndarray, params:
             test_clipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(z map, residual map, noise scale, image-score map) for one frame."""
     r = residuals(recorded, test, covered, test_laplacian)
+    z, noise, smap = normalised(r, covered, recorded, params, test_laplacian, cell, test_std, test_clipped)
+    return z, r, noise, smap
+
+
+def normalised(residual: np.ndarray, covered: np.ndarray, recorded: np.ndarray, params: ScoringParams,
+               test_laplacian: np.ndarray | None = None, cell: int = 8, test_std: np.ndarray | None = None,
+               test_clipped: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+    """(z map, noise scale, image-score map) of a residual map: divided by what benign processing
+    leaves per cell, then pooled. Calibration calls this on stored residuals with other constants."""
     rel = _scale_map(recorded, params, test_laplacian, cell, test_std, test_clipped)
-    u = np.abs(r[covered]) / rel[covered]
+    u = np.abs(residual[covered]) / rel[covered]
     noise = max(params.floor, 1.4826 * float(np.median(u))) if u.size else params.floor
-    z = r / (noise * rel)
+    z = residual / (noise * rel)
     # the 2 x 2 block sum, not the single cell: an edit of 16 px or more moves neighbouring cells
     # the same way, what benign processing leaves at fine detail alternates in sign (measured on
     # the calibration set: at the same benign quantile it finds more 16-32 px edits than the
     # cell maximum or a 3 x 3 block)
-    return z, r, noise, np.abs(_block_z(z))
+    return z, noise, np.abs(_block_z(z))
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
