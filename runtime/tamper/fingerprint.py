@@ -31,11 +31,11 @@
 # seal signature nor anything else we sign can be replayed as a fingerprint signature and an editor
 # without the key cannot recompute the fingerprint after an edit.
 #
-# Comparison (``compare`` / ``compare_display``): the recorded window and geometry are applied to
-# the image under test; per-cell absolute deviation in display levels and a 2 x 2 max pooling of it.
-# A different frame count or frame shape is reported as ``geometry_mismatch`` (re-alignment from the
-# watermark's sync is a later step). ``DEFAULT_THRESHOLD`` (5.2 display levels) is the probe's
-# largest benign deviation on 9 held-out images; it is NOT calibrated yet.
+# Comparison (``compare`` / ``compare_display``): the raw per-cell absolute deviation in display
+# levels at the recorded geometry, and a 2 x 2 max pooling of it (the measure the learned
+# fingerprint's comparison is set beside). ``check``'s verdict does not use it: ``scoring.py``
+# aligns, explains benign change away, normalises and thresholds with calibrated constants.
+# ``DEFAULT_THRESHOLD`` (5.2 display levels) is the issue's first probe, uncalibrated.
 
 from __future__ import annotations
 
