@@ -1,0 +1,1 @@
+"""The acquisition node: medsec-edge serve between a modality and a PACS."""
