@@ -31,6 +31,7 @@ from medsec_edge.runtime.io.atomic import (
     remove_stale_temporaries,
     write_bytes_atomic,
 )
+from medsec_edge.runtime.io.derived_uid import derived_instance_uid
 from medsec_edge.runtime.io.dicom_writer import attach_fingerprint, build_derived_dataset
 from medsec_edge.runtime.io.image import MedicalImage
 from medsec_edge.runtime.io.readers import read_image
@@ -75,6 +76,20 @@ def load_checker(bundle_path: Path | None = None, *, key: WatermarkKey | None = 
 
 
 @dataclass(frozen=True)
+class OutputPolicy:
+    """What the job writes for an image it cannot fully vouch for; the defaults are ``run``'s.
+
+    By default a tampered image is set aside unwatermarked and an output whose watermark does not
+    verify is not written. The node may be told otherwise: ``mark_tampered`` watermarks and seals
+    a flagged image anyway, ``write_unverified`` writes the output although its watermark did not
+    read back. Either way the reason is in the output's private record (``flags``), under the seal.
+    """
+
+    mark_tampered: bool = False
+    write_unverified: bool = False
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """One image of a run: no patient data, the image is named by its hash."""
 
@@ -97,9 +112,14 @@ class RunRecord:
     fingerprint_bytes: int = 0  # size of the signed content fingerprint written/recorded (0: none)
     registered: bool = False  # recorded in the evidence registry
     evidence_reason: str = ""  # why no fingerprint or no registry entry was made (the image is still written)
+    flags: list[str] = field(default_factory=list)  # what an output written under OutputPolicy carries
+    sop_uid: str | None = field(default=None, repr=False)  # of the written image; kept out of reports
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The PHI-free record for reports: everything but the UID."""
+        out = asdict(self)
+        del out["sop_uid"]
+        return out
 
 
 def size_class(shape_hw: tuple[int, int]) -> str:
@@ -135,14 +155,17 @@ def _one_line(exc: BaseException) -> str:
 def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle: Bundle,
                    key: WatermarkKey | None, explicit: bytes | None, *, checker=None,
                    operating_point: str | None = None, aside_path: Path | None = None,
-                   reversible_to=None, keyring=None, registry: Registry | None = None) -> RunRecord:
+                   reversible_to=None, keyring=None, registry: Registry | None = None,
+                   policy: OutputPolicy = OutputPolicy(), uid_key: WatermarkKey | None = None) -> RunRecord:
     """Read, check, embed, verify in memory, seal in memory, write once atomically; every stage timed.
 
     With ``checker`` an image found tampered is not watermarked: it is reported and, with
     ``aside_path``, copied there with a ``.reason.json`` beside it. With ``keyring`` (a
     ``keyset.KeyRing`` that can sign) a DICOM output is built, sealed and signed in memory and
     only then written, so it never exists under its name unsealed; if sealing fails nothing is
-    written (status ``seal_failed``). PNG, TIFF, JPEG and NPY outputs have nowhere to keep a seal:
+    written (status ``seal_failed``). ``policy`` says what is written for a tampered image or an
+    unverified watermark (default: nothing); with ``uid_key`` a DICOM output's new SOP Instance UID
+    is derived from the source's under that key (``io.derived_uid``), so a redo gives the same UID. PNG, TIFF, JPEG and NPY outputs have nowhere to keep a seal:
     they are written unsealed, with the reason.
 
     An image that fails anywhere after the read (our refusals, a decoder's or numpy's error, a
@@ -156,7 +179,8 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     try:
         return _watermark(path, out_path, watermarker, bundle, key, explicit, checker=checker,
                           operating_point=operating_point, aside_path=aside_path, reversible_to=reversible_to,
-                          keyring=keyring, registry=registry, lat=lat, state=state, t0=t0)
+                          keyring=keyring, registry=registry, policy=policy, uid_key=uid_key, lat=lat,
+                          state=state, t0=t0)
     except OSError as exc:
         if state["stage"] in ("write", "aside"):
             raise
@@ -178,7 +202,7 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
 
 
 def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, operating_point, aside_path,
-               reversible_to, keyring, registry, lat, state, t0) -> RunRecord:
+               reversible_to, keyring, registry, policy, uid_key, lat, state, t0) -> RunRecord:
     image = read_image(path)
     state["image"] = image
     lat["read"] = (time.perf_counter() - t0) * 1e3
@@ -188,6 +212,7 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
                          reason="--reversible needs a DICOM input and a DICOM output "
                                 "(the record lives in its private block)")
     tamper = None
+    flags: list[str] = []
     if checker is not None:
         state["stage"] = "check"
         tc = time.perf_counter()
@@ -195,7 +220,9 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         lat["check"] = (time.perf_counter() - tc) * 1e3
         tamper = {"tampered": verdict.tampered, "score": round(verdict.score, 6), "watermark": verdict.watermark,
                   "reasons": list(verdict.reasons), "regions": [r.to_dict() for r in verdict.regions]}
-        if verdict.tampered:
+        if verdict.tampered and policy.mark_tampered:
+            flags.append("tampered: " + "; ".join(verdict.reasons))
+        elif verdict.tampered:
             state["stage"] = "aside"
             kept = _keep_aside(path, aside_path, image, verdict) if aside_path is not None else None
             lat["total"] = (time.perf_counter() - t0) * 1e3
@@ -216,14 +243,19 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
     check = watermarker.extract(replace(image, pixels=embedded.pixels))
     lat["verify"] = (time.perf_counter() - t2) * 1e3
     ok = check.found and check.payload == payload.hex() and check.payload_kind in (kind, None)
+    misses = _budget_misses(bundle, image, lat)  # in the report, not the file: timing is no property of the image
+    if not ok:
+        flags.append("watermark not verified")
     record = {
         "kind": "medsec-edge watermark", "version": 1, "payload_mode": mode,
         "key_id": key.key_id if (key is not None and mode == "identity-hmac") else None,
         "bundle": bundle.manifest.name, "bundle_key_id": bundle.key_id,
         "target_psnr_db": embedded.target_psnr_db, "verified": bool(ok),
     }
-    written, seal, seal_failed, evidence = None, {}, False, {}
-    if ok:
+    if flags:
+        record["flags"] = flags
+    written, seal, seal_failed, evidence, sop_uid = None, {}, False, {}, None
+    if ok or policy.write_unverified:
         fingerprint = None
         if keyring is not None:
             tf = time.perf_counter()
@@ -237,7 +269,7 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
             lat["fingerprint"] = (time.perf_counter() - tf) * 1e3
         state["stage"] = "write"
         written, seal, seal_failed, sop_uid = _write_output(image, embedded.pixels, out_path, record, reversible_to,
-                                                            keyring, lat, state, fingerprint)
+                                                            keyring, lat, state, fingerprint, uid_key)
         if registry is not None and fingerprint is not None and written is not None:
             tr = time.perf_counter()
             try:
@@ -246,6 +278,29 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
                 evidence["evidence_reason"] = f"not registered: {_one_line(exc)}"
             lat["register"] = (time.perf_counter() - tr) * 1e3
     lat["total"] = (time.perf_counter() - t0) * 1e3
+    if seal_failed:
+        status = "seal_failed"
+        reason = "sealing failed, so the output was removed before it was written: " + seal["seal_reason"]
+    elif not ok:
+        status = "verify_failed"
+        reason = "the watermark did not verify after embedding; " + (
+            "written flagged, as the policy says" if written else "nothing written")
+    elif tamper is not None and tamper["tampered"]:
+        status, reason = "tampered", "tamper check: " + "; ".join(tamper["reasons"]) + "; watermarked flagged"
+    else:
+        status, reason = "ok", ""
+    return RunRecord(
+        image_id=image.meta.image_id, input=str(path), output=str(written) if written else None,
+        status=status, reason=reason,
+        shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
+        confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
+        latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
+        **evidence, flags=flags, sop_uid=sop_uid if written else None,
+    )
+
+
+def _budget_misses(bundle: Bundle, image: MedicalImage, lat: dict[str, float]) -> list[str]:
+    """The bundle's per-stage budgets this image exceeded (known before anything is written)."""
     budgets = bundle.manifest.budgets_ms
     cls = size_class(image.shape_hw)
     misses = []
@@ -253,21 +308,7 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         limit = budgets.get(f"{budget_stage}_{cls}")
         if limit is not None and stage in lat and lat[stage] > limit:
             misses.append(f"{budget_stage} {lat[stage]:.1f} ms > {limit} ms")
-    if seal_failed:
-        status = "seal_failed"
-        reason = "sealing failed, so the output was removed before it was written: " + seal["seal_reason"]
-    elif ok:
-        status, reason = "ok", ""
-    else:
-        status, reason = "verify_failed", "the watermark did not verify after embedding; nothing written"
-    return RunRecord(
-        image_id=image.meta.image_id, input=str(path), output=str(written) if written else None,
-        status=status, reason=reason,
-        shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
-        confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
-        latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
-        **evidence,
-    )
+    return misses
 
 
 def _register(registry: Registry, image: MedicalImage, payload: bytes, kind: str, fingerprint: bytes,
@@ -289,7 +330,7 @@ _WATERMARK_DESCRIPTION = "Invisible watermark embedded by medsec-edge"
 
 def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, record: dict, reversible_to,
                   keyring, lat: dict[str, float], state: dict, fingerprint: bytes | None = None,
-                  ) -> tuple[Path | None, dict, bool, str | None]:
+                  uid_key: WatermarkKey | None = None) -> tuple[Path | None, dict, bool, str | None]:
     """Write the one output: a sealed DICOM built and sealed in memory, else as ``write_image`` does.
 
     Returns the path written (None if nothing was), the RunRecord's seal fields, whether sealing
@@ -301,16 +342,18 @@ def _write_output(image: MedicalImage, pixels: np.ndarray, out_path: Path, recor
     if image.dataset is not None:
         source_uid = str(image.dataset.get("SOPInstanceUID", "") or "") or None
     fmt = output_format(image, out_path)
+    new_uid = derived_instance_uid(source_uid, uid_key.secret) if (uid_key is not None and source_uid) else None
     t3 = time.perf_counter()
     if fmt == "dicom" and keyring is not None:
         pixels = checked_pixels(image, pixels, out_path)
         if reversible_to is None:
-            ds = build_derived_dataset(image, pixels, record=record, description=_WATERMARK_DESCRIPTION)
+            ds = build_derived_dataset(image, pixels, record=record, description=_WATERMARK_DESCRIPTION,
+                                       sop_uid=new_uid)
         else:
             reversible = record_for_image(image, pixels, reversible_to)
             record["reversible"] = reversible.to_dict()  # sizes and key ids only
             ds = build_reversible_dataset(image, pixels, reversible, watermark_record=record,
-                                          description=_WATERMARK_DESCRIPTION + " (reversible)")
+                                          description=_WATERMARK_DESCRIPTION + " (reversible)", sop_uid=new_uid)
         if fingerprint is not None:
             attach_fingerprint(ds, fingerprint)
         built = time.perf_counter()

@@ -417,12 +417,14 @@ def build_reversible_dataset(
     *,
     watermark_record: dict | None = None,
     description: str = "",
+    sop_uid: str | None = None,
 ) -> Dataset:
     """``dicom_out.build_derived_dataset`` plus the reversible record (seal and sign after)."""
     pixels = np.ascontiguousarray(np.asarray(marked_pixels).astype(image.pixels.dtype, copy=False))
     if pixels.shape != image.pixels.shape:
         raise UsageError(f"pixels have shape {pixels.shape}, the image has {image.pixels.shape}")
-    ds = build_derived_dataset(image, pixels, record=watermark_record, description=description)
+    ds = build_derived_dataset(image, pixels, record=watermark_record, description=description,
+                               sop_uid=sop_uid)
     return attach_record(ds, record)
 
 

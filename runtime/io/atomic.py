@@ -36,6 +36,7 @@ __all__ = [
     "TEMP_PREFIX",
     "TEMP_SUFFIX",
     "atomic_output",
+    "fsync_dir",
     "is_our_temporary",
     "output_mode",
     "remove_stale_temporaries",
@@ -93,8 +94,8 @@ def _same_file(path: Path, source: Path) -> bool:
         return False
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk (power loss, not kill -9).
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in ``folder`` durable (power loss, not kill -9: that needs no fsync)."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -132,7 +133,7 @@ def atomic_output(path: str | Path, source: str | Path | None = None) -> Iterato
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_bytes_atomic(path: str | Path, content: bytes, source: str | Path | None = None) -> Path:

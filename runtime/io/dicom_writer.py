@@ -236,8 +236,12 @@ def build_derived_dataset(
     record: dict | None = None,
     description: str = "",
     fingerprint: bytes | None = None,
+    sop_uid: str | None = None,
 ) -> Dataset:
     """A copy of ``image.dataset`` holding ``pixels`` and marked as derived from the source.
+
+    ``sop_uid`` is the new SOP Instance UID (the node derives it from the source's, so a redo gives
+    the same instance); by default a fresh one.
 
     ``pixels`` must already have the shape and dtype of ``image.pixels`` (``imageio.write_image``
     checks and casts). ``fingerprint`` is the signed content fingerprint of ``pixels``; any
@@ -273,7 +277,7 @@ def build_derived_dataset(
     source_sop_class = str(src.get("SOPClassUID", ""))
     source_sop_uid = str(src.get("SOPInstanceUID", ""))
     first_source_uid = identity_of(image)["sop_uid"]
-    new_uid = generate_uid()
+    new_uid = sop_uid or generate_uid()
     ds.SOPInstanceUID = new_uid
     ds.file_meta = _our_file_meta(source_sop_class or ds.file_meta.get("MediaStorageSOPClassUID"), new_uid)
 
