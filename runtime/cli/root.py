@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from medsec_edge.runtime.cli import crypto, images
+from medsec_edge.runtime.cli import crypto, images, node
 from medsec_edge.runtime.cli.extras import missing_extra
 from medsec_edge.runtime.cli.help import Command, Group, compose_help
 from medsec_edge.runtime.cli.logs import setup_logging
@@ -82,6 +82,7 @@ def register_plugins(target: typer.Typer) -> None:
 
 images.register(app)
 crypto.register(app)
+node.register(app)
 register_plugins(app)
 
 
