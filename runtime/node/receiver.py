@@ -47,6 +47,20 @@ def no_delay(assoc) -> None:
             pass
 
 
+class _SharedContexts(list):
+    """The acceptor's presentation contexts, shared read-only by every association.
+
+    pynetdicom deep-copies the server's contexts for each association it accepts; with every
+    storage SOP class and each decodable transfer syntax that copy was 60% of an association's
+    CPU (measured with py-spy: 17 ms per C-ECHO association). Negotiation only reads them
+    (``presentation.negotiate_as_acceptor`` builds new result contexts), so a copy of the list
+    holding the same items is enough.
+    """
+
+    def __deepcopy__(self, memo) -> _SharedContexts:
+        return _SharedContexts(self)
+
+
 def _peer(assoc) -> dict:
     requestor = assoc.requestor
     return {"calling_ae": str(requestor.ae_title).strip(), "peer": f"{requestor.address}:{requestor.port}",
@@ -89,7 +103,8 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._server = ae.start_server(self.config.listen, block=False, evt_handlers=handlers,
-                                       ssl_context=server_context(self.config.tls))
+                                       ssl_context=server_context(self.config.tls),
+                                       contexts=_SharedContexts(ae.supported_contexts))
         return self.port
 
     @property
