@@ -71,3 +71,12 @@ def test_a_missing_config_file_is_named(tmp_path):
 def test_watch_only_needs_no_listener(tmp_path):
     cfg = load_config(spool=tmp_path / "s", forward="P@127.0.0.1:104", listen="off", watch=Path(tmp_path / "in"))
     assert cfg.listen is None and cfg.watch == tmp_path / "in"
+
+
+def test_the_documented_example_config_loads():
+    """docs/node/node.toml is what the README tells integrators to start from: it must load."""
+    example = Path(__file__).resolve().parents[3] / "docs" / "node" / "node.toml"
+    cfg = load_config(example)
+    assert cfg.forward == Destination("PACS", "10.0.0.5", 104)
+    assert cfg.allowed_aets == ("CT_ROOM1", "MR_ROOM2") and cfg.status_listen == ("127.0.0.1", 8470)
+    assert cfg.spool == Path("/var/spool/medsec-edge") and cfg.forward_retries == 5
