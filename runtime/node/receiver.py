@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from medsec_edge.runtime.errors import MedsecError
 from medsec_edge.runtime.node import faults
 from medsec_edge.runtime.node.admission import (
     OUT_OF_RESOURCES,
@@ -157,9 +158,10 @@ class Receiver:
         faults.reached("receive")
         try:
             spool_id = self.spool.accept(data)
-        except OSError as exc:
-            log.error("cannot spool a received object: %s", exc.strerror or type(exc).__name__)
-            return self._refuse(peer, OUT_OF_RESOURCES, f"spool write failed ({exc.strerror or type(exc).__name__})",
+        except (OSError, MedsecError) as exc:  # a full disk, a spool folder gone: the sender keeps it and resends
+            why = getattr(exc, "strerror", None) or type(exc).__name__
+            log.error("cannot spool a received object: %s", why)
+            return self._refuse(peer, OUT_OF_RESOURCES, f"spool write failed ({why})",
                                 admission.sop_class, len(data), admission.sop_uid)
         faults.reached("spooled")
         ms = (time.perf_counter() - t0) * 1e3

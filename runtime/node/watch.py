@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from medsec_edge.runtime.errors import MedsecError
 from medsec_edge.runtime.io.atomic import write_bytes_atomic
 from medsec_edge.runtime.io.inputs import read_input_bytes
 from medsec_edge.runtime.node.admission import admit
@@ -102,8 +103,9 @@ class FolderWatch:
             return self._refuse(path, admission.reason, admission.status)
         try:
             spool_id = self.spool.accept(data)
-        except OSError as exc:
-            log.error("cannot spool a watched file: %s; left in place", exc.strerror or type(exc).__name__)
+        except (OSError, MedsecError) as exc:
+            log.error("cannot spool a watched file: %s; left in place",
+                      getattr(exc, "strerror", None) or type(exc).__name__)
             return 0
         path.unlink()
         self.metrics.count("received")

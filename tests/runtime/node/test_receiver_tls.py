@@ -1,0 +1,145 @@
+"""The receiver over TLS (and mutual TLS), and its answer when the spool cannot store.
+
+A real node on loopback receives from a real pynetdicom SCU; certificates are made here with
+``cryptography`` (a CA, the node's certificate, a modality's). Nothing is forwarded (the PACS
+address is unused), so no PACS is needed: what is checked is the receiving side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pydicom import dcmread
+from pynetdicom import AE
+
+from medsec_edge.runtime.node.audit import read_audit
+from medsec_edge.runtime.node.config import load_config
+from medsec_edge.runtime.node.node import Node
+from medsec_edge.runtime.node.processor import Job
+
+REPO = Path(__file__).resolve().parents[3]
+CT = REPO / "samples" / "CT_small.dcm"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool = False) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                                     x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                                        critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = _cert("test CA", ca_key, ca_name, ca_key, ca=True)
+    files = {"ca": root / "ca.pem"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who in ("node", "modality"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(who, ca_key, ca_name, key)
+        files[f"{who}_cert"] = root / f"{who}.pem"
+        files[f"{who}_key"] = root / f"{who}.key"
+        files[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{who}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    return files
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    from medsec_edge.runtime.node.node import load_job
+
+    root = tmp_path_factory.mktemp("job")
+    cfg = load_config(spool=root / "unused", forward="P@127.0.0.1:104", keys=root / "keys",
+                      registry=root / "registry.sqlite3")
+    return load_job(cfg)
+
+
+def _node(tmp_path, job: Job, **settings) -> Node:
+    cfg = load_config(spool=tmp_path / "spool", forward=f"PACS@127.0.0.1:{_free_port()}", listen="127.0.0.1:0",
+                      workers=1, **settings)
+    node = Node(cfg, job=job)
+    node.start()
+    return node
+
+
+def _store(port: int, context: ssl.SSLContext | None = None):
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_STORAGE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE",
+                         tls_args=(context, "localhost") if context is not None else None)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(dcmread(CT))
+        return int(status.Status) if status else None
+    finally:
+        assoc.release()
+
+
+def _client(pki, *, with_cert: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+    if with_cert:
+        ctx.load_cert_chain(pki["modality_cert"], pki["modality_key"])
+    return ctx
+
+
+def test_tls_store_is_received_and_a_plain_one_is_not(tmp_path, pki, job):
+    node = _node(tmp_path, job, tls_cert=pki["node_cert"], tls_key=pki["node_key"])
+    try:
+        assert _store(node.dicom_port, _client(pki, with_cert=False)) == 0x0000
+        assert _store(node.dicom_port) is None  # plain DICOM to a TLS port: no association
+        accepted = [e for e in read_audit(node.config.audit_path) if e["event"] == "association_accepted"]
+        assert len(accepted) == 1 and accepted[0]["tls"] is True
+    finally:
+        node.stop(drain_s=0.1)
+
+
+def test_mutual_tls_needs_a_certificate_the_ca_signed(tmp_path, pki, job):
+    node = _node(tmp_path, job, tls_cert=pki["node_cert"], tls_key=pki["node_key"], tls_ca=pki["ca"])
+    try:
+        assert _store(node.dicom_port, _client(pki, with_cert=False)) is None
+        assert _store(node.dicom_port, _client(pki, with_cert=True)) == 0x0000
+    finally:
+        node.stop(drain_s=0.1)
+
+
+def test_a_spool_that_cannot_store_answers_out_of_resources_and_recovers(tmp_path, job):
+    node = _node(tmp_path, job)
+    received = node.spool.received
+    try:
+        shutil.rmtree(received)
+        received.write_text("a file where the folder was: every write fails")
+        assert _store(node.dicom_port) == 0xA700  # the modality keeps the image and resends
+        refused = [e for e in read_audit(node.config.audit_path) if e["event"] == "refused"]
+        assert refused and refused[-1]["status_code"] == 0xA700 and "spool write failed" in refused[-1]["reason"]
+        received.unlink()
+        received.mkdir(mode=0o700)
+        assert _store(node.dicom_port) == 0x0000  # the next one is served
+    finally:
+        node.stop(drain_s=0.1)
