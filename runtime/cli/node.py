@@ -62,6 +62,9 @@ def serve(
                                                    help="quarantine (default) or forward-flagged."),
     on_budget_overrun: Optional[str] = typer.Option(None, "--on-budget-overrun", metavar="POLICY",
                                                     help="forward-flagged (default) or quarantine."),
+    on_non_image: Optional[str] = typer.Option(None, "--on-non-image", metavar="POLICY",
+                                               help="An object without pixel data: refuse (default, 0xC000) or "
+                                                    "forward-unchanged."),
     status_listen: Optional[str] = typer.Option(None, "--status-listen", metavar="HOST:PORT",
                                                 help="Loopback HTTP status endpoint (default 127.0.0.1, any free "
                                                      "port; 'off': none)."),
@@ -83,7 +86,8 @@ def serve(
             config_file, listen=listen, aet=aet, forward=forward, spool=spool, allowed_aets=tuple(allow_aet or ()),
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, watch=watch, workers=workers, threads=threads,
             keys=keys, bundle=bundle, registry=registry, no_registry=no_registry, on_tampered=on_tampered,
-            on_verify_failed=on_verify_failed, on_budget_overrun=on_budget_overrun, status_listen=status_listen,
+            on_verify_failed=on_verify_failed, on_budget_overrun=on_budget_overrun, on_non_image=on_non_image,
+            status_listen=status_listen,
             audit_log=audit_log, deadline_ms=deadline_ms,
         )
         node = Node(config)

@@ -76,14 +76,16 @@ class Admission:
     sop_class: str = ""
     sop_uid: str = ""
     transfer_syntax: str = ""
+    has_pixels: bool = True
 
     @property
     def accepted(self) -> bool:
         return self.status == SUCCESS
 
 
-def admit(data: bytes, requested_class: str | None = None) -> Admission:
-    """Parse ``data`` (a DICOM file, file meta included) and say whether the node takes it."""
+def admit(data: bytes, requested_class: str | None = None, *, images_only: bool = True) -> Admission:
+    """Parse ``data`` (a DICOM file, file meta included) and say whether the node takes it; with
+    ``images_only`` False an object without pixel data is taken too (``has_pixels`` False)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,16 +94,17 @@ def admit(data: bytes, requested_class: str | None = None) -> Admission:
             sop_uid = str(ds.get("SOPInstanceUID", "") or "")
             meta = getattr(ds, "file_meta", None)
             ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-            problem = _problem(ds, sop_class, sop_uid, ts, requested_class)
+            problem = _problem(ds, sop_class, sop_uid, ts, requested_class, images_only)
     except Exception as exc:  # noqa: BLE001 - whatever a malformed object makes the parser raise
         return Admission(CANNOT_UNDERSTAND, f"the object cannot be parsed ({type(exc).__name__})")
     if problem is not None:
         status, reason = problem
         return Admission(status, reason, sop_class, sop_uid, ts)
-    return Admission(SUCCESS, "", sop_class, sop_uid, ts)
+    return Admission(SUCCESS, "", sop_class, sop_uid, ts, has_pixels="PixelData" in ds)
 
 
-def _problem(ds, sop_class: str, sop_uid: str, ts: str, requested_class: str | None) -> tuple[int, str] | None:
+def _problem(ds, sop_class: str, sop_uid: str, ts: str, requested_class: str | None,
+             images_only: bool = True) -> tuple[int, str] | None:
     if not sop_class or not sop_uid:
         return CANNOT_UNDERSTAND, "SOP Class UID or SOP Instance UID missing"
     if requested_class and sop_class != str(requested_class).rstrip("\x00"):
@@ -110,10 +113,13 @@ def _problem(ds, sop_class: str, sop_uid: str, ts: str, requested_class: str | N
         return SOP_CLASS_NOT_SUPPORTED, "not a storage SOP class"
     if not UID(sop_uid).is_valid:
         return CANNOT_UNDERSTAND, "SOP Instance UID is not a valid UID"
+    if "PixelData" not in ds:
+        if images_only:
+            return CANNOT_UNDERSTAND, ("no Pixel Data: the node watermarks images (on-non-image = "
+                                       "'forward-unchanged' lets such objects pass)")
+        return None
     if ts not in accepted_transfer_syntaxes():
         return CANNOT_UNDERSTAND, "transfer syntax not decodable on this device"
-    if "PixelData" not in ds:
-        return CANNOT_UNDERSTAND, "no Pixel Data: the node watermarks images"
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)

@@ -19,6 +19,7 @@ from medsec_edge.runtime.errors import ConfigError
 __all__ = ["Destination", "NodeConfig", "Policy", "TlsConfig", "load_config", "parse_destination", "parse_listen"]
 
 POLICIES = ("quarantine", "forward-flagged")
+NON_IMAGE_POLICIES = ("refuse", "forward-unchanged")
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
 
 
@@ -90,10 +91,15 @@ class Policy:
     tampered: str = "quarantine"
     verify_failed: str = "quarantine"
     budget_overrun: str = "forward-flagged"
+    # An object without pixel data (a dose report, a presentation state) has nothing to watermark:
+    # refused (0xC000) unless the site says it may pass unchanged.
+    non_image: str = "refuse"
 
     def __post_init__(self) -> None:
+        if self.non_image not in NON_IMAGE_POLICIES:
+            raise ConfigError(f"policy for non-image: {self.non_image!r} is not one of " + ", ".join(NON_IMAGE_POLICIES))
         for f in fields(self):
-            if getattr(self, f.name) not in POLICIES:
+            if f.name != "non_image" and getattr(self, f.name) not in POLICIES:
                 raise ConfigError(f"policy for {f.name.replace('_', '-')}: {getattr(self, f.name)!r} is not one of "
                                   + ", ".join(POLICIES))
 
@@ -151,7 +157,8 @@ _PATHS = {"spool", "watch", "keys", "bundle", "registry", "audit_log"}
 _TLS = {"tls_cert": ("tls", "cert"), "tls_key": ("tls", "key"), "tls_ca": ("tls", "ca"),
         "forward_tls_cert": ("forward_tls", "cert"), "forward_tls_key": ("forward_tls", "key"),
         "forward_tls_ca": ("forward_tls", "ca")}
-_POLICY = {"on_tampered": "tampered", "on_verify_failed": "verify_failed", "on_budget_overrun": "budget_overrun"}
+_POLICY = {"on_tampered": "tampered", "on_verify_failed": "verify_failed", "on_budget_overrun": "budget_overrun",
+           "on_non_image": "non_image"}
 _SCALARS = {"aet": str, "workers": int, "threads": int, "no_registry": bool, "deadline_ms": float,
             "forward_retries": int, "backoff_s": float, "backoff_max_s": float}
 KNOWN_SETTINGS = frozenset({"listen", "forward", "allowed_aets", "status_listen", *_PATHS, *_TLS, *_POLICY,

@@ -56,7 +56,7 @@ class Forwarder:
         self._drain_until = float("inf")
         self._thread: threading.Thread | None = None
         self._assoc = None
-        self._classes: list[str] = []
+        self._classes: list[tuple[str, str]] = []  # (SOP class, transfer syntax) proposed
         self._last_send = 0.0
         self._busy = False
         self._ssl = client_context(config.forward_tls)
@@ -170,7 +170,7 @@ class Forwarder:
 
     # -- the association --------------------------------------------------------------------
     def _send(self, path, sop_class: str, ts: str) -> int:
-        assoc = self._association(sop_class)
+        assoc = self._association(sop_class, ts)
         try:
             try:
                 rsp = assoc.send_c_store(path)  # sent as the file is encoded, without decoding it
@@ -188,19 +188,23 @@ class Forwarder:
             raise _Unreachable("no response: the association was aborted or timed out")
         return int(rsp.Status)
 
-    def _association(self, sop_class: str):
-        if self._assoc is not None and self._assoc.is_established and sop_class in self._classes:
+    def _association(self, sop_class: str, ts: str):
+        """The open association if it has ``sop_class`` in ``ts``, else a new one proposing every
+        class sent so far (in our outputs' Explicit VR Little Endian, Implicit VR, and ``ts`` for
+        objects passed unchanged)."""
+        wanted = (sop_class, ts)
+        if self._assoc is not None and self._assoc.is_established and wanted in self._classes:
             return self._assoc
         self._release()
-        if sop_class not in self._classes:
-            self._classes = ([c for c in self._classes if c != sop_class] + [sop_class])[-MAX_CONTEXTS:]
+        if wanted not in self._classes:
+            self._classes = ([c for c in self._classes if c != wanted] + [wanted])[-MAX_CONTEXTS:]
         ae = AE(ae_title=self.config.aet)
         ae.maximum_pdu_size = 0
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.network_timeout = 60
-        for cls in self._classes:
-            ae.add_requested_context(cls, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for cls, syntax in self._classes:
+            ae.add_requested_context(cls, list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
         dest = self.config.forward
         tls_args = (self._ssl, dest.host) if self._ssl is not None else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.aet, tls_args=tls_args)

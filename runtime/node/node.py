@@ -121,10 +121,12 @@ class Node:
         self._accepting.set()
         if cfg.listen is not None:
             self.receiver = Receiver(cfg, self.spool, self.audit, self.metrics, self.processor.submit,
-                                     accept=self._accepting.is_set)
+                                     accept=self._accepting.is_set, on_ready=self.forwarder.submit)
             self.receiver.start()
         if cfg.watch is not None:
-            self.watch = FolderWatch(cfg.watch, self.spool, self.audit, self.metrics, self.processor.submit)
+            passing = self.forwarder.submit if cfg.policy.non_image == "forward-unchanged" else None
+            self.watch = FolderWatch(cfg.watch, self.spool, self.audit, self.metrics, self.processor.submit,
+                                     on_ready=passing)
             self.watch.start()
         if cfg.status_listen is not None:
             self.status = StatusServer(self.metrics.snapshot, self.metrics.prometheus, *cfg.status_listen)
@@ -132,7 +134,7 @@ class Node:
         self.audit.write("node_started", version=_version(), pid=os.getpid(), count=len(to_process) + len(to_forward),
                          called_ae=cfg.aet, destination=str(cfg.forward), tls=cfg.tls.enabled,
                          policy=f"tampered={cfg.policy.tampered} verify_failed={cfg.policy.verify_failed} "
-                                f"budget_overrun={cfg.policy.budget_overrun}")
+                                f"budget_overrun={cfg.policy.budget_overrun} non_image={cfg.policy.non_image}")
         write_bytes_atomic(cfg.spool / NODE_FILE, json.dumps({
             "pid": os.getpid(), "version": _version(), "aet": cfg.aet,
             "dicom": f"{cfg.listen[0]}:{self.dicom_port}" if cfg.listen is not None else None,

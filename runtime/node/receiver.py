@@ -69,15 +69,18 @@ def _peer(assoc) -> dict:
 
 
 class Receiver:
-    """Listens on ``config.listen``; ``on_spooled(spool_id)`` is called for every stored object."""
+    """Listens on ``config.listen``; ``on_spooled(spool_id)`` is called for every stored image,
+    ``on_ready(spool_id)`` for an object without pixel data the policy lets pass unchanged."""
 
     def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, metrics: Metrics,
-                 on_spooled: Callable[[str], None], accept: Callable[[], bool] = lambda: True) -> None:
+                 on_spooled: Callable[[str], None], accept: Callable[[], bool] = lambda: True,
+                 on_ready: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.spool = spool
         self.audit = audit
         self.metrics = metrics
         self.on_spooled = on_spooled
+        self.on_ready = on_ready
         self.accept = accept  # False while shutting down: 0xA700, the sender resends later
         self._server = None
 
@@ -151,13 +154,14 @@ class Receiver:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - a data set pynetdicom cannot give back as bytes
             return self._refuse(peer, 0xC000, f"the data set cannot be read ({type(exc).__name__})", "", len(b""))
-        admission = admit(data, str(event.request.AffectedSOPClassUID or ""))
+        passing = self.config.policy.non_image == "forward-unchanged" and self.on_ready is not None
+        admission = admit(data, str(event.request.AffectedSOPClassUID or ""), images_only=not passing)
         if not admission.accepted:
             return self._refuse(peer, admission.status, admission.reason, admission.sop_class, len(data),
                                 admission.sop_uid)
         faults.reached("receive")
         try:
-            spool_id = self.spool.accept(data)
+            spool_id = self.spool.accept(data, ready=not admission.has_pixels)
         except (OSError, MedsecError) as exc:  # a full disk, a spool folder gone: the sender keeps it and resends
             why = getattr(exc, "strerror", None) or type(exc).__name__
             log.error("cannot spool a received object: %s", why)
@@ -167,10 +171,15 @@ class Receiver:
         ms = (time.perf_counter() - t0) * 1e3
         self.metrics.count("received")
         self.metrics.observe("receive", ms)
+        extra = {} if admission.has_pixels else {"action": "no pixel data: forwarded unchanged, as the policy says"}
         self.audit.write("received", spool_id=spool_id, sop_class=admission.sop_class,
                          source_uid_sha256=uid_hash(admission.sop_uid), transfer_syntax=admission.transfer_syntax,
-                         bytes=len(data), status_code=0, latency_ms=round(ms, 2), **peer)
-        self.on_spooled(spool_id)
+                         bytes=len(data), status_code=0, latency_ms=round(ms, 2), **peer, **extra)
+        if admission.has_pixels:
+            self.on_spooled(spool_id)
+        else:
+            self.metrics.count("passed_unchanged")
+            self.on_ready(spool_id)
         return 0x0000
 
     def _refuse(self, peer: dict, code: int, reason: str, sop_class: str, size: int, sop_uid: str = "") -> int:

@@ -92,10 +92,13 @@ class Spool:
         return self.quarantine / (spool_id + SUFFIX)
 
     # -- steps ---------------------------------------------------------------------------------
-    def accept(self, data: bytes) -> str:
-        """Store a received object durably; its ID once it is on disk (OSError: it is not)."""
+    def accept(self, data: bytes, *, ready: bool = False) -> str:
+        """Store a received object durably; its ID once it is on disk (OSError: it is not).
+
+        ``ready``: it needs no processing (an object forwarded unchanged) and goes to outgoing/.
+        """
         spool_id = self.new_id()
-        write_bytes_atomic(self.received_path(spool_id), data)
+        write_bytes_atomic(self.outgoing_path(spool_id) if ready else self.received_path(spool_id), data)
         return spool_id
 
     def processed(self, spool_id: str) -> None:

@@ -36,12 +36,14 @@ REFUSED = "refused"
 
 class FolderWatch:
     def __init__(self, folder: Path, spool: Spool, audit: AuditLog, metrics: Metrics,
-                 on_spooled: Callable[[str], None], *, interval_s: float = 0.5, settle_s: float = 1.0) -> None:
+                 on_spooled: Callable[[str], None], *, interval_s: float = 0.5, settle_s: float = 1.0,
+                 on_ready: Callable[[str], None] | None = None) -> None:
         self.folder = Path(folder)
         self.spool = spool
         self.audit = audit
         self.metrics = metrics
         self.on_spooled = on_spooled
+        self.on_ready = on_ready  # an object without pixel data that may pass unchanged
         self.interval_s = interval_s
         self.settle_s = settle_s
         self._seen: dict[Path, tuple[int, int]] = {}
@@ -98,11 +100,11 @@ class FolderWatch:
             data = read_input_bytes(path)
         except Exception as exc:  # noqa: BLE001 - too large, vanished, unreadable: refused with the reason
             return self._refuse(path, f"cannot be read ({type(exc).__name__})")
-        admission = admit(data)
+        admission = admit(data, images_only=self.on_ready is None)
         if not admission.accepted:
             return self._refuse(path, admission.reason, admission.status)
         try:
-            spool_id = self.spool.accept(data)
+            spool_id = self.spool.accept(data, ready=not admission.has_pixels)
         except (OSError, MedsecError) as exc:
             log.error("cannot spool a watched file: %s; left in place",
                       getattr(exc, "strerror", None) or type(exc).__name__)
@@ -112,7 +114,7 @@ class FolderWatch:
         self.audit.write("received", spool_id=spool_id, sop_class=admission.sop_class, calling_ae="folder-watch",
                          source_uid_sha256=uid_hash(admission.sop_uid), transfer_syntax=admission.transfer_syntax,
                          bytes=len(data), status_code=0)
-        self.on_spooled(spool_id)
+        (self.on_spooled if admission.has_pixels else self.on_ready)(spool_id)
         return 1
 
     def _refuse(self, path: Path, reason: str, code: int = 0xC000) -> int:

@@ -97,3 +97,17 @@ def test_an_invalid_sop_instance_uid_is_refused(uid):
     ds.SOPInstanceUID = uid
     ds.file_meta.MediaStorageSOPInstanceUID = uid or "1.2.3"
     assert admit(_bytes(ds)).status == CANNOT_UNDERSTAND
+
+
+def _no_pixels() -> bytes:
+    ds = pydicom.dcmread(CT)
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    return _bytes(ds)
+
+
+def test_an_object_without_pixels_passes_only_when_allowed():
+    assert admit(_no_pixels()).status == CANNOT_UNDERSTAND
+    passing = admit(_no_pixels(), images_only=False)
+    assert passing.accepted and passing.has_pixels is False
+    assert admit(CT.read_bytes(), images_only=False).has_pixels is True

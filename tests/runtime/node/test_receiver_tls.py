@@ -143,3 +143,41 @@ def test_a_spool_that_cannot_store_answers_out_of_resources_and_recovers(tmp_pat
         assert _store(node.dicom_port) == 0x0000  # the next one is served
     finally:
         node.stop(drain_s=0.1)
+
+
+def _store_bytes_of(port: int, ds) -> int | None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(str(ds.SOPClassUID))
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status) if status else None
+    finally:
+        assoc.release()
+
+
+def _report():
+    ds = dcmread(CT)
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    return ds
+
+
+def test_an_object_without_pixels_is_refused_unless_the_policy_lets_it_pass(tmp_path, job):
+    node = _node(tmp_path / "refuse", job)
+    try:
+        assert _store_bytes_of(node.dicom_port, _report()) == 0xC000
+        assert node.spool.depth() == {"received": 0, "outgoing": 0, "quarantine": 0}
+    finally:
+        node.stop(drain_s=0.1)
+    node = _node(tmp_path / "pass", job, on_non_image="forward-unchanged")
+    try:
+        assert _store_bytes_of(node.dicom_port, _report()) == 0x0000
+        # straight to outgoing/ (nothing to watermark), unchanged: same SOP Instance UID
+        (held,) = node.spool.outgoing.glob("*.dcm")
+        assert dcmread(held).SOPInstanceUID == _report().SOPInstanceUID
+        assert node.spool.depth()["received"] == 0
+        received = [e for e in read_audit(node.config.audit_path) if e["event"] == "received"]
+        assert "forwarded unchanged" in received[0]["action"]
+    finally:
+        node.stop(drain_s=0.1)
