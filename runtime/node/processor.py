@@ -2,7 +2,7 @@
 
 Layer: runtime (node). Each worker thread takes spool IDs from one queue and runs the same job as
 ``run``: check, watermark, verify, fingerprint, seal and sign, register. ONNX Runtime and numpy
-release the GIL, so threads use the cores (measured: 2 threads, 1.9x one). The output goes to
+release the GIL, so threads use the cores (measured: 2 threads ran the job 1.86x as fast as one). The output goes to
 the spool's outgoing/ under a SOP Instance UID derived from the source's (a redo gives the same
 instance); only then is the received copy removed. What the policy does not let through is held
 in quarantine/ with its reason. One bad object is one quarantined object: the others go on.
