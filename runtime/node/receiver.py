@@ -119,8 +119,11 @@ class Receiver:
         """Stop accepting associations; ones still open are aborted (their unacknowledged objects
         are resent by the sender; acknowledged ones are in the spool already)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            open_ones = list(server.active_associations)
+            server.shutdown()
+            for assoc in open_ones:  # a sender holding its association open must not hold up the stop
+                assoc.abort()
 
     # -- handlers (pynetdicom calls them in each association's thread) ----------------------
     def _on_accepted(self, event) -> None:

@@ -181,3 +181,20 @@ def test_an_object_without_pixels_is_refused_unless_the_policy_lets_it_pass(tmp_
         assert "forwarded unchanged" in received[0]["action"]
     finally:
         node.stop(drain_s=0.1)
+
+
+def test_stop_ends_an_association_the_sender_holds_open(tmp_path, job):
+    node = _node(tmp_path, job)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_STORAGE)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="EDGE")
+    assert assoc.is_established
+    import time
+
+    t0 = time.monotonic()
+    node.stop(drain_s=0.1)
+    assert time.monotonic() - t0 < 20
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted or not assoc.is_established
