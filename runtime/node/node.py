@@ -185,7 +185,16 @@ class Node:
 
 
 def read_node_file(spool: Path) -> dict | None:
+    """The running node's ``SPOOL/node.json``; None if there is none, or if the node that wrote it
+    is gone (a node killed with SIGKILL or by a power cut cannot remove its file)."""
     try:
-        return json.loads((Path(spool) / NODE_FILE).read_text())
+        info = json.loads((Path(spool) / NODE_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (KeyError, TypeError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass  # alive, run by another user
+    return info
