@@ -47,6 +47,10 @@ from medsec_edge.runtime.watermark.watermarker import Watermarker
 log = logging.getLogger(__name__)
 
 BUNDLE_ENV = "MEDSEC_EDGE_BUNDLE"
+# A mark that does not read back is embedded once more this much stronger before the image is
+# given up: on samples/MR_small.dcm (64x64) 5 of 1,500 random payloads failed at the bundle's
+# target and all 5 read back 1.5 dB stronger (tested at 1.5 and 3 dB).
+STRONGER_RETRY_DB = 1.5
 
 
 def default_bundle_path() -> Path:
@@ -241,8 +245,13 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
     state["stage"] = "verify"
     t2 = time.perf_counter()
     check = watermarker.extract(replace(image, pixels=embedded.pixels))
-    lat["verify"] = (time.perf_counter() - t2) * 1e3
     ok = check.found and check.payload == payload.hex() and check.payload_kind in (kind, None)
+    if not ok:
+        embedded = watermarker.embed(image, payload, kind=kind,
+                                     target_psnr_db=embedded.target_psnr_db - STRONGER_RETRY_DB)
+        check = watermarker.extract(replace(image, pixels=embedded.pixels))
+        ok = check.found and check.payload == payload.hex() and check.payload_kind in (kind, None)
+    lat["verify"] = (time.perf_counter() - t2) * 1e3
     misses = _budget_misses(bundle, image, lat)  # in the report, not the file: timing is no property of the image
     if not ok:
         flags.append("watermark not verified")

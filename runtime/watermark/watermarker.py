@@ -118,9 +118,12 @@ class Watermarker:
         self._readout_fft = np.conj(np.fft.fft2(readout))
 
     # -- embedding -------------------------------------------------------------------------
-    def embed(self, image: MedicalImage, payload: bytes, *, kind: str = "identity") -> EmbedResult:
+    def embed(self, image: MedicalImage, payload: bytes, *, kind: str = "identity",
+              target_psnr_db: float | None = None) -> EmbedResult:
         """Embed ``payload``; ``kind`` says what it is (``"identity"``: the identity MAC, ``"user"``:
-        set with ``--payload``), so that a reader never takes a user payload for an identity."""
+        set with ``--payload``), so that a reader never takes a user payload for an identity.
+        ``target_psnr_db`` overrides the watermarker's target for this image (a stronger retry)."""
+        target = self.target_psnr_db if target_psnr_db is None else float(target_psnr_db)
         t0 = time.perf_counter()
         code_bits = self.codec.encode(payload, kind)
         tile = np.asarray(self.models.tile(code_bits.astype(np.float32) * 2 - 1), dtype=np.float32)
@@ -147,7 +150,7 @@ class Watermarker:
             if rms <= 1e-9:
                 raise InputError(f"{_name(image)}: frame {i} has no unsaturated display pixels to carry a watermark")
             # display residual -> stored units (the gain's sign undoes MONOCHROME1's inversion)
-            scale = 255.0 * 10 ** (-self.target_psnr_db / 20) / rms / window.gain
+            scale = 255.0 * 10 ** (-target / 20) / rms / window.gain
             np.multiply(residual, np.float32(scale), out=residual)
             work_dtype = np.float64 if frame.dtype.itemsize >= 4 else np.float32
             marked = frame.astype(work_dtype)
@@ -161,7 +164,7 @@ class Watermarker:
             timings["frames_ms"] = timings.get("frames_ms", 0.0) + (time.perf_counter() - t1) * 1e3
         timings["model_ms"] = model_ms
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return EmbedResult(out, code_bits, self.target_psnr_db, timings)
+        return EmbedResult(out, code_bits, target, timings)
 
     # -- extraction ------------------------------------------------------------------------
     def _signals(self, image: MedicalImage, frames: list[np.ndarray], factor: int) -> list[np.ndarray]:

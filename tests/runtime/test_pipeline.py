@@ -248,3 +248,27 @@ def test_an_interrupted_batch_still_writes_its_report(job, ring, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 1 and report["ok"] == 1
     assert report["interrupted"] == "KeyboardInterrupt" and report["not_processed"] == 1
+
+
+# A payload whose mark does not read back from samples/MR_small.dcm (64x64) at the bundle's target
+# (found by trying 1,500 random payloads: 4 of them, as user payloads, failed there).
+HARD_PAYLOAD = bytes.fromhex("8bb37f4f4b13cf78")
+
+
+def test_a_mark_that_does_not_read_back_is_embedded_once_more_stronger(job, ring, tmp_path):
+    from dataclasses import replace as _replace
+
+    from medsec_edge.runtime.io.readers import read_image
+    from medsec_edge.runtime.pipeline import STRONGER_RETRY_DB
+
+    watermarker, bundle = job
+    mr = REPO / "samples" / "MR_small.dcm"
+    image = read_image(mr)
+    first = watermarker.embed(image, HARD_PAYLOAD, kind="user")
+    assert not watermarker.extract(_replace(image, pixels=first.pixels)).found  # the case this is about
+    rec = watermark_file(mr, tmp_path / "out.dcm", watermarker, bundle, None, HARD_PAYLOAD, keyring=ring[0])
+    assert rec.status == "ok", rec.reason
+    from medsec_edge.runtime.io.dicom_writer import read_record
+
+    record = read_record(pydicom.dcmread(tmp_path / "out.dcm"))
+    assert record["target_psnr_db"] == pytest.approx(watermarker.target_psnr_db - STRONGER_RETRY_DB)
