@@ -29,6 +29,7 @@ from pydicom.uid import generate_uid
 ORTHANC = Path("/usr/sbin/Orthanc")
 STORESCU = Path("/usr/bin/storescu")
 ECHOSCU = Path("/usr/bin/echoscu")
+STORESCP = Path("/usr/bin/storescp")
 REQUIRE_ORTHANC_ENV = "MEDSEC_EDGE_REQUIRE_ORTHANC"
 REPO = Path(__file__).resolve().parents[3]
 SAMPLES = (REPO / "samples" / "CT_small.dcm", REPO / "samples" / "MR_small.dcm")
@@ -40,7 +41,7 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def missing_tools() -> str:
-    for tool in (ORTHANC, STORESCU, ECHOSCU):
+    for tool in (ORTHANC, STORESCU, ECHOSCU, STORESCP):
         if not tool.exists():
             return f"{tool} is not installed (apt-get install orthanc dcmtk)"
     return ""

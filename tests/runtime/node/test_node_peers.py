@@ -466,6 +466,48 @@ def test_pacs_down_then_up_images_wait_in_outgoing_then_arrive(new_node, keys, w
         late.stop()
 
 
+# -- 9b. a PACS that refuses ------------------------------------------------------------------------
+def test_a_pacs_that_refuses_an_image_puts_it_in_quarantine_with_its_status(new_node, keys, tmp_path):
+    """A PACS that cannot store answers C-STORE with a refusal: DCMTK's storescp whose output
+    folder was replaced by a file answers 0xA700 (out of resources) to every image. (Orthanc 1.10,
+    the Debian one, cannot be made to refuse: its Lua filter answers success, a storage error
+    ends its worker without a response.) After forward-retries refusals the image is held with
+    the PACS's status: not lost, not retried forever."""
+    out = tmp_path / "picky-out"
+    out.mkdir()
+    port = peers.free_port()
+    scp = subprocess.Popen([str(peers.STORESCP), "-aet", "PICKY", "-od", str(out), str(port)],
+                           env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    config = tmp_path / "node.toml"
+    config.write_text("forward-retries = 2\nbackoff-s = 0.1\nbackoff-max-s = 0.2\n")
+    try:
+        wait_for(lambda: _listening(port), 30, "storescp to listen")
+        out.rmdir()
+        out.write_bytes(b"")  # every file storescp writes now fails
+        proc = new_node(forward=f"PICKY@{HOST}:{port}", extra=("--config", str(config))).start()
+        sources = make_series(tmp_path / "src", 2, "refused")
+        code, acked = store(proc.port, [s.path for s in sources], tmp_path / "storescu.log")
+        assert code == 0 and len(acked) == 2
+        wait_for(lambda: proc.depth()["quarantine"] == 2, 60, "both images in quarantine",
+                 details=lambda: str(proc.depth()))
+        assert proc.depth() == {"received": 0, "outgoing": 0, "quarantine": 2}
+        reasons = [json.loads(p.read_text()) for p in (proc.spool / "quarantine").glob("*.reason.json")]
+        assert all(r["status"] == "forward_refused" and r["status_code"] == 0xA700 for r in reasons), reasons
+        assert all("refused it 3 times" in r["reason"] for r in reasons), reasons
+        held = proc.events("quarantined")
+        assert len(held) == 2 and all(e["destination"] == f"PICKY@{HOST}:{port}" for e in held)
+    finally:
+        peers.end_process(scp)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex((HOST, port)) == 0
+
+
 # -- 10. status ---------------------------------------------------------------------------------------
 def test_status_command_and_prometheus_metrics(node, tmp_path):
     sources = make_series(tmp_path / "src", 2, "status")
