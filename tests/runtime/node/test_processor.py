@@ -58,7 +58,7 @@ def _process(job: Job, tmp_path: Path, data: bytes) -> tuple[Spool, str, list[st
     forwarded: list[str] = []
     processor = Processor(job, spool, audit, Metrics(), forward=forwarded.append)
     sid = spool.accept(data)
-    processor.start(1)
+    processor.start(1, warm=False)
     processor.submit(sid)
     deadline = time.monotonic() + 60
     while processor.pending and time.monotonic() < deadline:
@@ -172,3 +172,25 @@ def test_a_budget_overrun_is_held_when_the_policy_says_so(parts, tmp_path):
     spool, sid, forwarded, audit = _process(job, tmp_path / "fwd", CT.read_bytes())
     assert forwarded == [sid]
     assert any("ms >" in f for f in read_audit(audit)[0]["flags"])
+
+
+def test_workers_warm_up_before_start_returns_and_then_process(parts, tmp_path):
+    from medsec_edge.runtime.node.processor import warm_up
+
+    job = _job(parts, tmp_path)
+    assert warm_up(job) > 0
+    spool = Spool.open(tmp_path / "spool")
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    forwarded: list[str] = []
+    processor = Processor(job, spool, audit, Metrics(), forward=forwarded.append)
+    processor.start(2)  # returns once both workers have warmed up
+    assert all(t.is_alive() for t in processor._threads)
+    sid = spool.accept(CT.read_bytes())
+    processor.submit(sid)
+    deadline = time.monotonic() + 30
+    while processor.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    processor.stop()
+    audit.close()
+    spool.close()
+    assert forwarded == [sid]
