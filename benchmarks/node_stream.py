@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +250,9 @@ class StreamResult:
     rss_end_mb: float = float("nan")
     rss_max_mb: float = float("nan")
     offered_per_s: float | None = None  # None: as fast as the senders go
+    # per image in forwarding order: seconds since the first receive, receive-to-forward ms; and
+    # [images forwarded, node RSS MB] samples (for the plot)
+    series: dict = field(default_factory=dict)
 
     @property
     def rss_growth_mb(self) -> float:
@@ -267,12 +270,15 @@ def summarise(audit: list[dict], n: int, ceiling: float, offered: float | None, 
     received = [e for e in audit if e["event"] == "received"]
     forwarded = [e for e in audit if e["event"] == "forwarded"]
     lat = np.array([e["latency_ms"] for e in forwarded[skip:]], float)
-    span = _iso(forwarded[-1]["time"]) - _iso(received[0]["time"])
+    start = _iso(received[0]["time"])
+    span = _iso(forwarded[-1]["time"]) - start
     return StreamResult(
         images=len(forwarded), node_images_per_s=round(len(forwarded) / span, 2), ceiling_images_per_s=round(ceiling, 2),
         p50_ms=round(float(np.percentile(lat, 50)), 1), p99_ms=round(float(np.percentile(lat, 99)), 1),
         max_ms=round(float(lat.max()), 1), quarantined=sum(e["event"] == "quarantined" for e in audit),
-        deadline_misses=int((lat > deadline_ms).sum()), offered_per_s=offered)
+        deadline_misses=int((lat > deadline_ms).sum()), offered_per_s=offered,
+        series={"t_s": [round(_iso(e["time"]) - start, 3) for e in forwarded[skip:]],
+                "latency_ms": [round(float(v), 1) for v in lat]})
 
 
 def run_stream(root: Path, n: int, *, rate: float | None = None, senders: int = 2, memory: bool = False,
@@ -320,11 +326,44 @@ def run_stream(root: Path, n: int, *, rate: float | None = None, senders: int = 
         result.rss_start_mb = round(after_warmup[0], 1)
         result.rss_end_mb = round(end_rss, 1)
         result.rss_max_mb = round(max(m for _, m in rss), 1)
+        result.series["rss"] = [[f, round(m, 1)] for f, m in rss]
     return result
 
 
+def plot(benchmark_json: Path, out_png: Path, deadline_ms: float = 250.0) -> None:
+    """Receive-to-forward latency of every image over time, and the node's RSS, from the JSON of
+    ``pytest benchmarks/test_node_bench.py --benchmark-json=FILE``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [b for b in json.loads(Path(benchmark_json).read_text())["benchmarks"] if b["extra_info"].get("series")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for b in runs:
+        info = b["extra_info"]
+        label = (f"{b['name'].removeprefix('test_')}: {info['images']} images, {info['node_images_per_s']}/s, "
+                 f"p99 {info['p99_ms']} ms")
+        axes[0].plot(info["series"]["t_s"], info["series"]["latency_ms"], ".", ms=2, label=label)
+        if info["series"].get("rss"):
+            f, m = zip(*info["series"]["rss"])
+            axes[1].plot(f, m, "-", label=f"{info['images']} images: +{info['rss_growth_mb']:.1f} MB after warm-up")
+    axes[0].axhline(deadline_ms, color="k", lw=0.8, ls="--", label=f"target p99 {deadline_ms:.0f} ms")
+    axes[0].set(xlabel="s since the first image was received", ylabel="receive to PACS ack, ms", yscale="log",
+                title="each image through the node (512x512 16-bit, 2 cores)")
+    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="images forwarded", ylabel="node RSS, MB", title="memory (target: <= 50 MB growth)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if sys.argv[1:2] == ["plot"]:
+        plot(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="or: node_stream.py plot BENCHMARK.json OUT.png")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rate", type=float, default=None, help="offered images/s (default: as fast as sent)")
     parser.add_argument("--senders", type=int, default=2)
