@@ -198,3 +198,33 @@ def test_stop_ends_an_association_the_sender_holds_open(tmp_path, job):
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert assoc.is_aborted or not assoc.is_established
+
+
+def test_forwarding_over_tls_to_a_tls_peer(tmp_path, pki, job):
+    """Node A forwards over TLS (checking the peer's certificate against the CA, presenting its own)
+    to node B, which requires mutual TLS: B receives A's output; without TLS A cannot reach B."""
+    b = _node(tmp_path / "b", job, tls_cert=pki["node_cert"], tls_key=pki["node_key"], tls_ca=pki["ca"])
+    a_cfg = load_config(spool=tmp_path / "a" / "spool", forward=f"EDGE@127.0.0.1:{b.dicom_port}",
+                        listen="127.0.0.1:0", workers=1, forward_tls_ca=pki["ca"],
+                        forward_tls_cert=pki["modality_cert"], forward_tls_key=pki["modality_key"])
+    a = Node(a_cfg, job=job)
+    a.start()
+    try:
+        assert _store(a.dicom_port) == 0x0000
+        import time
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                e["event"] == "received" for e in read_audit(b.config.audit_path)):
+            time.sleep(0.1)
+        got = [e for e in read_audit(b.config.audit_path) if e["event"] == "received"]
+        assert len(got) == 1 and got[0]["calling_ae"] == "EDGE"
+        accepted = [e for e in read_audit(b.config.audit_path) if e["event"] == "association_accepted"]
+        assert accepted and all(e["tls"] for e in accepted)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and a.spool.depth()["outgoing"]:
+            time.sleep(0.1)
+        assert a.spool.depth() == {"received": 0, "outgoing": 0, "quarantine": 0}
+    finally:
+        a.stop(drain_s=0.1)
+        b.stop(drain_s=0.1)
