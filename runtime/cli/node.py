@@ -126,10 +126,12 @@ def status(
             url = info.get("status_url") if info else None
             if not url:
                 depth = Spool(spool).depth()
-                row = {"running": False, "spool": str(spool), "queue": depth}
-                json_line(row) if as_json else stdout().print(
-                    f"no node running on {spool}; spool: {depth['received']} to process, "
-                    f"{depth['outgoing']} to forward, {depth['quarantine']} in quarantine", highlight=False)
+                if as_json:
+                    json_line({"running": False, "spool": str(spool), "queue": depth})
+                else:
+                    stdout().print(f"no node running on {spool}; spool: {depth['received']} to process, "
+                                   f"{depth['outgoing']} to forward, {depth['quarantine']} in quarantine",
+                                   highlight=False)
                 raise typer.Exit(1)
         snap = fetch_status(url)
     except MedsecError as exc:

@@ -61,7 +61,7 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(f"spool {root} is in use by another running node: give each node its own spool")
+            raise ConfigError(f"spool {root} is in use by another running node: give each node its own spool") from None
         spool._lock_fd = fd
         for folder in (spool.received, spool.outgoing, spool.quarantine):
             remove_stale_temporaries(folder)
