@@ -334,16 +334,22 @@ def test_kill9_at_a_step_boundary_then_restart_delivers_each_image_once(point, n
     assert_delivered_once(pacs, sources, keys[1], watermarker, tmp_path / "got", proc)
 
 
+def _node_and_senders(new_node, tmp_path: Path, senders_n: int, per_sender: int, tag: str):
+    """A started node and ``senders_n`` modalities (not yet sending), each with a series of its own."""
+    series = [make_series(tmp_path / f"src{i}", per_sender, f"{tag}{i}") for i in range(senders_n)]
+    everything = [s for group in series for s in group]
+    proc = new_node().start()
+    senders = [Sender(proc.port, [s.path for s in group], tmp_path / f"sender{i}.log")
+               for i, group in enumerate(series)]
+    return series, everything, proc, senders
+
+
 # -- 6. the target: 4 senders x 50 images, SIGKILL from outside mid-flow ------------------------------
 def test_four_senders_kill9_mid_flow_restart_every_acknowledged_image_once(new_node, pacs, keys, watermarker,
                                                                            tmp_path):
     t0 = time.perf_counter()
     per_sender, senders_n = 50, 4
-    series = [make_series(tmp_path / f"src{i}", per_sender, f"target{i}") for i in range(senders_n)]
-    everything = [s for group in series for s in group]
-    proc = new_node().start()
-    senders = [Sender(proc.port, [s.path for s in group], tmp_path / f"sender{i}.log")
-               for i, group in enumerate(series)]
+    series, everything, proc, senders = _node_and_senders(new_node, tmp_path, senders_n, per_sender, "target")
     acked: list[set[Path]] = []
     try:
         kill_at = len(everything) // 3
@@ -393,11 +399,7 @@ def test_four_senders_kill9_mid_flow_restart_every_acknowledged_image_once(new_n
 
 # -- 7. SIGTERM while images flow ---------------------------------------------------------------------
 def test_sigterm_mid_flow_exits_0_and_nothing_acknowledged_is_lost(new_node, pacs, keys, watermarker, tmp_path):
-    series = [make_series(tmp_path / f"src{i}", 30, f"term{i}") for i in range(2)]
-    everything = [s for group in series for s in group]
-    proc = new_node().start()
-    senders = [Sender(proc.port, [s.path for s in group], tmp_path / f"sender{i}.log")
-               for i, group in enumerate(series)]
+    series, everything, proc, senders = _node_and_senders(new_node, tmp_path, 2, 30, "term")
     acked: list[set[Path]] = []
     try:
         wait_for(lambda: received_count(proc) >= 15, 60, "15 objects received", interval=0.01)

@@ -60,13 +60,17 @@ def _process(job: Job, tmp_path: Path, data: bytes) -> tuple[Spool, str, list[st
     sid = spool.accept(data)
     processor.start(1, warm=False)
     processor.submit(sid)
-    deadline = time.monotonic() + 60
-    while processor.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _until_idle(processor)
     processor.stop()
     audit.close()
     spool.close()
     return spool, sid, forwarded, tmp_path / "audit.jsonl"
+
+
+def _until_idle(processor: Processor, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while processor.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _flag_everything(parts) -> TamperChecker:
@@ -187,9 +191,7 @@ def test_workers_warm_up_before_start_returns_and_then_process(parts, tmp_path):
     assert all(t.is_alive() for t in processor._threads)
     sid = spool.accept(CT.read_bytes())
     processor.submit(sid)
-    deadline = time.monotonic() + 30
-    while processor.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _until_idle(processor)
     processor.stop()
     audit.close()
     spool.close()
