@@ -47,10 +47,10 @@ from medsec_edge.runtime.watermark.watermarker import Watermarker
 log = logging.getLogger(__name__)
 
 BUNDLE_ENV = "MEDSEC_EDGE_BUNDLE"
-# A mark that does not read back is embedded once more this much stronger before the image is
-# given up: on samples/MR_small.dcm (64x64) 5 of 1,500 random payloads failed at the bundle's
-# target and all 5 read back 1.5 dB stronger (tested at 1.5 and 3 dB).
-STRONGER_RETRY_DB = 1.5
+# A mark that does not read back is embedded again this much stronger (in turn) before the image
+# is given up. On samples/MR_small.dcm (64x64) 5 of 1,500 random payloads failed at the bundle's
+# target and read back 1.5 dB stronger; one identity payload seen in CI needed 3 dB.
+STRONGER_RETRY_DB = (1.5, 3.0, 4.5)
 
 
 def default_bundle_path() -> Path:
@@ -244,13 +244,7 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
     lat["embed"] = (time.perf_counter() - t1) * 1e3
     state["stage"] = "verify"
     t2 = time.perf_counter()
-    check = watermarker.extract(replace(image, pixels=embedded.pixels))
-    ok = check.found and check.payload == payload.hex() and check.payload_kind in (kind, None)
-    if not ok:
-        embedded = watermarker.embed(image, payload, kind=kind,
-                                     target_psnr_db=embedded.target_psnr_db - STRONGER_RETRY_DB)
-        check = watermarker.extract(replace(image, pixels=embedded.pixels))
-        ok = check.found and check.payload == payload.hex() and check.payload_kind in (kind, None)
+    embedded, check, ok = verified_embedding(watermarker, image, payload, kind, embedded)
     lat["verify"] = (time.perf_counter() - t2) * 1e3
     misses = _budget_misses(bundle, image, lat)  # in the report, not the file: timing is no property of the image
     if not ok:
@@ -306,6 +300,19 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
         **evidence, flags=flags, sop_uid=sop_uid if written else None,
     )
+
+
+def verified_embedding(watermarker: Watermarker, image: MedicalImage, payload: bytes, kind: str, embedded):
+    """``embedded`` read back from memory; if its mark does not read back, embedded again
+    ``STRONGER_RETRY_DB`` stronger in turn. Returns (the embedding, its extraction, verified)."""
+    target = embedded.target_psnr_db
+    for stronger_db in (0.0, *STRONGER_RETRY_DB):
+        if stronger_db:
+            embedded = watermarker.embed(image, payload, kind=kind, target_psnr_db=target - stronger_db)
+        check = watermarker.extract(replace(image, pixels=embedded.pixels))
+        if check.found and check.payload == payload.hex() and check.payload_kind in (kind, None):
+            return embedded, check, True
+    return embedded, check, False
 
 
 def _budget_misses(bundle: Bundle, image: MedicalImage, lat: dict[str, float]) -> list[str]:

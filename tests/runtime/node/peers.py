@@ -127,7 +127,7 @@ def make_series(folder: Path, count: int, tag: str) -> list[Source]:
 def _template(path: Path) -> pydicom.Dataset:
     """A sample as it is: MR_small's 64x64 is the smallest image the watermark carries, and about 1
     in 300 payloads did not read back there at the bundle's target until the job re-embeds such a
-    mark 1.5 dB stronger (pipeline.STRONGER_RETRY_DB); these tests see that path too."""
+    mark 1.5, 3 or 4.5 dB stronger (pipeline.STRONGER_RETRY_DB); these tests see that path too."""
     return pydicom.dcmread(path)
 
 
