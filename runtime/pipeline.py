@@ -169,8 +169,9 @@ def watermark_file(path: Path, out_path: Path, watermarker: Watermarker, bundle:
     only then written, so it never exists under its name unsealed; if sealing fails nothing is
     written (status ``seal_failed``). ``policy`` says what is written for a tampered image or an
     unverified watermark (default: nothing); with ``uid_key`` a DICOM output's new SOP Instance UID
-    is derived from the source's under that key (``io.derived_uid``), so a redo gives the same UID. PNG, TIFF, JPEG and NPY outputs have nowhere to keep a seal:
-    they are written unsealed, with the reason.
+    is derived from the source's under that key (``io.derived_uid``), so a redo gives the same UID.
+    PNG, TIFF, JPEG and NPY outputs have nowhere to keep a seal: they are written unsealed, with
+    the reason.
 
     An image that fails anywhere after the read (our refusals, a decoder's or numpy's error, a
     model output that is not finite) is answered with a ``bad_input`` record naming the stage and

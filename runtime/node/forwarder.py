@@ -128,26 +128,17 @@ class Forwarder:
                 if attempt == 1 or attempt % 10 == 0:
                     self.audit.write("forward_retry", spool_id=spool_id, destination=str(self.config.forward),
                                      reason=str(exc), attempt=attempt)
-                self.metrics.count("retries")
-                self._sleep(delay)
-                delay = min(delay * 2, self.config.backoff_max_s)
-                continue
-            self.metrics.observe("forward", (time.perf_counter() - t0) * 1e3)
-            if code in STORED:
-                break
-            refusals += 1
+            else:
+                self.metrics.observe("forward", (time.perf_counter() - t0) * 1e3)
+                if code in STORED:
+                    break
+                refusals += 1
+                if refusals > self.config.forward_retries:
+                    self._hold(spool_id, path, code, refusals, attempt, uid_sha)
+                    return
+                if self._stopping_now():
+                    return  # tried again after the restart
             self.metrics.count("retries")
-            if refusals > self.config.forward_retries or self._stopping_now():
-                if refusals <= self.config.forward_retries:
-                    return  # stopping: try again after the restart
-                self.spool.hold(spool_id, path, {"status": "forward_refused", "status_code": code,
-                                                 "reason": f"the PACS refused it {refusals} times, last status "
-                                                           f"0x{code:04X}", "destination": str(self.config.forward)})
-                self.metrics.count("quarantined")
-                self.audit.write("quarantined", spool_id=spool_id, derived_uid_sha256=uid_sha, status_code=code,
-                                 destination=str(self.config.forward), attempt=attempt, action="held in quarantine",
-                                 reason=f"PACS refused with 0x{code:04X} after {refusals} attempts")
-                return
             self._sleep(delay)
             delay = min(delay * 2, self.config.backoff_max_s)
         faults.reached("forward")
@@ -159,6 +150,16 @@ class Forwarder:
             self.metrics.budget_miss("deadline")
         self.audit.write("forwarded", spool_id=spool_id, derived_uid_sha256=uid_sha, status_code=code,
                          destination=str(self.config.forward), attempt=attempt, latency_ms=round(ms, 2))
+
+    def _hold(self, spool_id: str, path, code: int, refusals: int, attempt: int, uid_sha: str) -> None:
+        """A refused object to quarantine/, with the PACS's last status as the reason."""
+        destination = str(self.config.forward)
+        self.spool.hold(spool_id, path, {"status": "forward_refused", "status_code": code, "destination": destination,
+                                         "reason": f"the PACS refused it {refusals} times, last status 0x{code:04X}"})
+        self.metrics.count("quarantined")
+        self.audit.write("quarantined", spool_id=spool_id, derived_uid_sha256=uid_sha, status_code=code,
+                         destination=destination, attempt=attempt, action="held in quarantine",
+                         reason=f"PACS refused with 0x{code:04X} after {refusals} attempts")
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -112,9 +112,9 @@ class Node:
         for spool_id in to_process:
             self.processor.submit(spool_id)
         spool = self.spool
-        self.metrics.gauge("queue_received", lambda: spool.depth()["received"])
-        self.metrics.gauge("queue_outgoing", lambda: spool.depth()["outgoing"])
-        self.metrics.gauge("quarantine", lambda: spool.depth()["quarantine"])
+        self.metrics.gauge("queue_received", lambda: spool.count("received"))
+        self.metrics.gauge("queue_outgoing", lambda: spool.count("outgoing"))
+        self.metrics.gauge("quarantine", lambda: spool.count("quarantine"))
         self.metrics.gauge("workers", lambda: float(cfg.worker_count))
         self.forwarder.start()
         self.processor.start(cfg.worker_count)
@@ -177,11 +177,6 @@ class Node:
             self.audit.close()
         if self.spool is not None:
             self.spool.close()
-
-    def idle(self) -> bool:
-        """Nothing queued or in progress (for tests and benchmarks that wait for the node)."""
-        return (self.processor is not None and self.processor.pending == 0 and self.forwarder is not None
-                and self.forwarder.pending == 0)
 
 
 def read_node_file(spool: Path) -> dict | None:

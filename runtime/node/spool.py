@@ -134,9 +134,12 @@ class Spool:
                 received.append(spool_id)
         return received, sorted(outgoing)
 
+    def count(self, folder: str) -> int:
+        """Objects in one folder: ``received``, ``outgoing`` or ``quarantine``."""
+        return len(self._ids(getattr(self, folder)))
+
     def depth(self) -> dict[str, int]:
-        return {"received": len(self._ids(self.received)), "outgoing": len(self._ids(self.outgoing)),
-                "quarantine": len(self._ids(self.quarantine))}
+        return {folder: self.count(folder) for folder in ("received", "outgoing", "quarantine")}
 
     @staticmethod
     def _ids(folder: Path) -> set[str]:
