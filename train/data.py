@@ -108,14 +108,42 @@ def real_images() -> list[np.ndarray]:
     return out
 
 
-class ImagePool:
-    """A pool of training images refreshed as training goes, cropped to the training size."""
+def real_working_images(split: str = "train", min_side: int = 160) -> list[np.ndarray]:
+    """The real frames of ``train.real_data`` (never held out) as the runtime's watermark models see
+    them: display window, luminance of colour, box-downsampled to the working resolution; frames
+    smaller than ``min_side`` are upscaled 2x (nearest) until they are not, as ``real_images``."""
+    from medsec_edge.runtime.io.image import display_window, luminance
+    from medsec_edge.runtime.watermark.spec import working_factor
+    from medsec_edge.runtime.watermark.sync import box_downsample
+    from medsec_edge.train.real_data import real_frames
 
-    def __init__(self, seed: int, size: int = 192, n_synthetic: int = 1500):
+    out = []
+    for frame in real_frames(split, max_side=2048):
+        image = frame.image
+        pixels = image.frames()[0]
+        window = display_window(image.meta, pixels)
+        grey = luminance(pixels) if image.meta.is_colour else pixels
+        small = box_downsample(grey, working_factor(*pixels.shape[:2]))
+        work = np.clip(window.to_display(small) / 255.0, 0.0, 1.0).astype(np.float32)
+        while min(work.shape) < min_side:
+            work = np.kron(work, np.ones((2, 2), np.float32))
+        out.append(work)
+    return out
+
+
+class ImagePool:
+    """A pool of training images refreshed as training goes, cropped to the training size.
+
+    ``real_share`` of each batch comes from real images: pydicom's three training-safe files, plus
+    the real frames of ``train.real_data`` when ``real_frames`` is set (the second release)."""
+
+    def __init__(self, seed: int, size: int = 192, n_synthetic: int = 1500, real_share: float = 0.25,
+                 real_frames: bool = False):
         self.rng = np.random.default_rng(seed)
         self.size = size
+        self.real_share = real_share
         self.synthetic = [phantom(self.rng, size) for _ in range(n_synthetic)]
-        self.real = real_images()
+        self.real = real_images() + (real_working_images() if real_frames else [])
 
     def refresh(self, fraction: float = 0.1) -> None:
         for i in self.rng.choice(len(self.synthetic), int(len(self.synthetic) * fraction), replace=False):
@@ -124,7 +152,7 @@ class ImagePool:
     def batch(self, n: int, crop: int) -> np.ndarray:
         out = np.empty((n, 1, crop, crop), np.float32)
         for i in range(n):
-            if self.rng.random() < 0.25:
+            if self.rng.random() < self.real_share:
                 src = self.real[self.rng.integers(len(self.real))]
             else:
                 src = self.synthetic[self.rng.integers(len(self.synthetic))]

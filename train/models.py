@@ -42,11 +42,29 @@ def _highpass(x: torch.Tensor) -> torch.Tensor:
     return hp / rms
 
 
-class StrengthEncoder(nn.Module):
-    """Display image (0..1) -> positive strength map (same size): where energy hides best."""
+SSIM_C2 = (0.03 * 255) ** 2  # SSIM's contrast constant in 8-bit display levels squared
 
-    def __init__(self, width: int = 16):
+
+def masking_prior(image: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+    """Contrast masking in the display window, ((2 var + C2) / C2) ** power, var the 7x7 local
+    variance in 8-bit display levels: the SSIM that a residual of amplitude a costs at a pixel is
+    about a^2 / (2 var + C2), so power 0.5 spreads that cost evenly and larger powers move energy
+    from flat tissue (where a radiologist reads noise texture) to edges and texture."""
+    padded = F.pad(image * 255.0, (3, 3, 3, 3), mode="replicate")
+    mean = F.avg_pool2d(padded, 7, stride=1)
+    var = (F.avg_pool2d(padded * padded, 7, stride=1) - mean * mean).clamp_min(0.0)
+    return torch.exp(power * torch.log1p(2.0 * var / SSIM_C2))
+
+
+class StrengthEncoder(nn.Module):
+    """Display image (0..1) -> positive strength map (same size): where energy hides best.
+
+    ``jnd_power`` > 0 multiplies the learned map by :func:`masking_prior` with a learned exponent
+    started there (0: no prior, the first release's model)."""
+
+    def __init__(self, width: int = 16, jnd_power: float = 0.0):
         super().__init__()
+        self.jnd_power = nn.Parameter(torch.tensor(float(jnd_power))) if jnd_power > 0 else None
         self.body = nn.Sequential(
             nn.Conv2d(2, width, 3, padding=1),
             nn.ReLU(),
@@ -63,6 +81,8 @@ class StrengthEncoder(nn.Module):
         strength = F.softplus(self.body(feats))
         # Saturated display pixels cannot carry a signal (it is clipped away) and show none.
         unsaturated = ((image > 1.0 / 255) & (image < 254.0 / 255)).to(image.dtype)
+        if self.jnd_power is not None:
+            strength = strength * masking_prior(image, self.jnd_power.clamp(0.0, 2.0))
         return strength * unsaturated
 
 
@@ -123,10 +143,10 @@ def fold(signal: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tenso
 class WatermarkNet(nn.Module):
     """The trainable whole; `embed` and `decode` mirror what the runtime does with the exports."""
 
-    def __init__(self, seed: int = 0, width: int = 16):
+    def __init__(self, seed: int = 0, width: int = 16, jnd_power: float = 0.0):
         super().__init__()
         self.message = MessageEncoder(seed=seed)
-        self.strength = StrengthEncoder(width)
+        self.strength = StrengthEncoder(width, jnd_power)
         self.decoder = SignalDecoder(width)
         self.readout = Readout(self.message.basis)
 

@@ -43,6 +43,10 @@ class TrainConfig:
     checkpoint_every: int = 250
     pool_size: int = 1500  # synthetic images kept in memory, refreshed as training goes
     threads: int = 2
+    jnd_power: float = 0.0  # > 0: the strength map carries the contrast-masking prior (models.py)
+    real_share: float = 0.25  # share of each batch from real images
+    jnd_fixed: int = 0  # 1: the masking exponent stays at jnd_power (0: learned from there)
+    real_frames: int = 0  # 1: the real frames of train.real_data join pydicom's three files
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,12 +95,15 @@ class WatermarkTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(config.threads)
         seed_everything(config.seed)
-        self.net = WatermarkNet(seed=config.seed, width=config.width)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.net = WatermarkNet(seed=config.seed, width=config.width, jnd_power=config.jnd_power)
+        if config.jnd_fixed and self.net.strength.jnd_power is not None:
+            self.net.strength.jnd_power.requires_grad_(False)
+        self.opt = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=config.lr)
         self.step = 0
         self.history: list[dict] = []
         self.rng = np.random.default_rng(config.seed)
-        self.pool = ImagePool(seed=config.seed, n_synthetic=config.pool_size)
+        self.pool = ImagePool(seed=config.seed, n_synthetic=config.pool_size, real_share=config.real_share,
+                              real_frames=bool(config.real_frames))
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
