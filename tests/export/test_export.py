@@ -34,3 +34,36 @@ def test_export_parity_and_bundle_round_trip(tmp_path):
     out = wm.embed(image, bytes(8)).pixels
     diff = (out.astype(float) - pixels) * 255 / 3000
     assert 38.0 < 10 * np.log10(255**2 / np.mean(diff**2)) < 42.0
+
+
+def test_re_export_keeps_the_other_models_and_carries_the_masking_prior(tmp_path):
+    """Re-exporting the watermark into a bundle replaces its four models only: the tamper detector,
+    fingerprint encoder, their manifest sections and calibration stay; the masking prior (a learned
+    exponent) exports with the strength model and matches torch."""
+    from medsec_edge.runtime.bundle import load_signing_key, write_bundle
+
+    trainer = WatermarkTrainer(TrainConfig(steps=2, batch=2, crop=64, width=4, pool_size=8, jnd_power=0.75),
+                               tmp_path / "run")
+    trainer.run(progress=False)
+    key, trust = tmp_path / "sk" / "signing.pem", tmp_path / "trust"
+    first = build_bundle(tmp_path / "run" / "checkpoint.pt", tmp_path / "b1", signing_key=key, trusted_dir=trust)
+    bundle = open_bundle(first, trusted_keys=trust)
+    data = bundle.manifest.to_dict()
+    for k in ("version", "created", "key_id"):
+        data.pop(k)
+    data["models"] = {n: {k: v for k, v in e.items() if k != "sha256"} for n, e in data["models"].items()}
+    data["models"]["fp_encoder"] = {**data["models"]["wm_decoder"], "file": "fp_encoder.onnx"}
+    data["training"]["fp_encoder"] = {"command": "trained elsewhere"}
+    data["calibration"] = {"tamper": {"operating_points": {"fpr1": {"blind_logit": 5.0}}}}
+    files = {n: first / e["file"] for n, e in bundle.manifest.to_dict()["models"].items()}
+    files["fp_encoder"] = first / "wm_decoder.onnx"
+    device = write_bundle(tmp_path / "device", data, files, load_signing_key(key))
+
+    build_bundle(tmp_path / "run" / "checkpoint.pt", device, signing_key=key, trusted_dir=trust)
+    again = open_bundle(device, trusted_keys=trust)
+    assert set(again.manifest.models) == {"wm_strength", "wm_decoder", "wm_message", "wm_readout", "fp_encoder"}
+    assert again.model_bytes("fp_encoder") == (first / "wm_decoder.onnx").read_bytes()
+    assert again.manifest.training["fp_encoder"] == {"command": "trained elsewhere"}
+    assert again.manifest.calibration["tamper"]["operating_points"]["fpr1"]["blind_logit"] == 5.0
+    assert again.manifest.payload["mark_version"] == 2
+    assert again.manifest.export["parity_max_rel_error"]["wm_strength"] < 1e-4
