@@ -42,6 +42,7 @@ from medsec_edge.runtime.tamper.registry import Entry, Registry
 from medsec_edge.runtime.watermark.identity import payload_for
 from medsec_edge.runtime.watermark.models import BundleWatermarkModels
 from medsec_edge.runtime.watermark.payload import PayloadCodec
+from medsec_edge.runtime.watermark.spec import capacity
 from medsec_edge.runtime.watermark.watermarker import Watermarker
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class RunRecord:
     found: bool = False
     confidence: float = 0.0
     bits_corrected: int = 0
+    capacity: dict | None = None  # what the image's size can carry (watermark.spec.capacity)
     latency_ms: dict[str, float] = field(default_factory=dict)
     budget_misses: list[str] = field(default_factory=list)
     tamper: dict | None = None  # the check stage's verdict (None when the bundle has no detector)
@@ -298,6 +300,7 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         status=status, reason=reason,
         shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
         confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
+        capacity=capacity(*image.frames()[0].shape[:2]),
         latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
         **evidence, flags=flags, sop_uid=sop_uid if written else None,
     )

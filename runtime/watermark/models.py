@@ -23,6 +23,9 @@ class BundleWatermarkModels:
         self._sessions = {name: bundle.session(name, backend=backend, threads=threads) for name in MODEL_NAMES}
         norm = bundle.model("wm_readout").normalisation
         self.readout_gain = float(norm.get("gain", 1.0))
+        # Calibrated with the models (export/presence_calibration.py); absent: always search.
+        presence = bundle.manifest.calibration.get("watermark", {}).get("presence", {})
+        self.presence_threshold = float(presence["threshold"]) if "threshold" in presence else None
         eye = np.eye(CODE_BITS, dtype=np.float32)
         self._readout = self._sessions["wm_readout"].run({"bits": eye})["tile"].reshape(CODE_BITS, TILE, TILE)
         # The first run of a session allocates and plans; do it here, not inside a timed stage.

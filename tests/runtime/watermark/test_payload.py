@@ -372,3 +372,27 @@ def test_parse_payload_hex_does_not_echo_long_input():
     with pytest.raises(PayloadError) as info:
         parse_payload_hex(secretish)
     assert "PATIENT" not in str(info.value) and len(str(info.value)) < 120
+
+
+def test_list_decoding_recovers_errors_on_the_weakest_bits():
+    """Six wrong bits in six different bytes defeat Reed-Solomon (and its erasure retries) but not
+    the Chase list when they are among the eight weakest: the common failure after noise."""
+    codec = PayloadCodec()
+    data = bytes.fromhex("0123456789abcdef")
+    bits = codec.encode(data, "user")
+    rng = np.random.default_rng(4)
+    logits = (bits * 2.0 - 1.0) * rng.uniform(1.0, 3.0, 128)
+    wrong = [3, 20, 41, 66, 90, 117]  # bytes 0, 2, 5, 8, 11, 14
+    logits[wrong] = -0.1 * np.sign(logits[wrong])
+    logits[[10, 55]] *= 0.05  # two weak but right bits among the eight weakest
+    assert not codec.decode(logits).found
+    listed = codec.decode_list(logits)
+    assert listed.found and listed.data == data and listed.kind == "user"
+    assert listed.bits_corrected == 6 and 0 < listed.confidence < 1
+    assert not codec.decode_list(logits, flips=0).found, "no list: plain decoding"
+
+
+def test_list_decoding_accepts_no_random_word():
+    codec = PayloadCodec()
+    rng = np.random.default_rng(99)
+    assert not any(codec.decode_list(rng.standard_normal(128)).found for _ in range(40))

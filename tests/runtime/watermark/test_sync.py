@@ -76,7 +76,7 @@ def test_shift_search_finds_any_crop_offset(dy, dx):
     patterns = rng.standard_normal((128, TILE, TILE))
     message_tile = np.tensordot(bits, patterns, axes=1)
     big = _render(message_tile.astype(np.float32), 160 + dy, 160 + dx)[dy:, dx:]
-    fft = np.conj(np.fft.fft2(patterns / np.linalg.norm(patterns.reshape(128, -1), axis=1)[:, None, None]))
+    fft = S.readout_spectrum(patterns)
     logits, energy = S.read_bits(S.fold(big, S.NOMINAL), fft, gain=1.0)
     assert np.mean(np.sign(logits) == bits) == 1.0
     assert energy > 5.0
@@ -100,3 +100,4 @@ def test_no_lattice_in_white_noise_is_weak():
     noise = np.random.default_rng(6).standard_normal((256, 256)).astype(np.float32)
     lattices = S.estimate_lattices(noise, TILE / 2.6, TILE * 2.6)
     assert all(lat.strength < 0.1 for lat in lattices)
+

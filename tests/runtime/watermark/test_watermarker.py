@@ -129,3 +129,37 @@ def test_payload_kind_is_read_back(wm):
         ex = wm.extract(replace(image, pixels=wm.embed(image, PAYLOAD, kind=kind).pixels))
         assert ex.found and ex.payload == PAYLOAD.hex() and ex.payload_kind == kind
     assert wm.extract(replace(image, pixels=wm.embed(image, PAYLOAD).pixels)).payload_kind == "identity"
+
+
+def test_no_mark_here_stops_at_the_presence_gate(wm):
+    """Below the presence threshold the search stops after the first level's candidates (no finer
+    level, no list); with the gate open the same unmarked image goes through the whole search."""
+    from medsec_edge.runtime.watermark.watermarker import MAX_LATTICES, Watermarker
+
+    class CountingDecodes(Watermarker):
+        decodes = 0
+
+        def _decode(self, signals, lattice):
+            CountingDecodes.decodes += 1
+            return super()._decode(signals, lattice)
+
+    image = read_image(_file("693_UNCI.dcm"))
+    closed = CountingDecodes(wm.models, presence_threshold=1e9)
+    ex = closed.extract(image)
+    assert not ex.found and ex.presence is not None and ex.presence < 1e9
+    closed_decodes = CountingDecodes.decodes
+    assert 1 <= closed_decodes <= 1 + MAX_LATTICES, "the nominal read and the first level only"
+    assert "list_ms" not in ex.timings_ms
+    CountingDecodes.decodes = 0
+    opened = CountingDecodes(wm.models, presence_threshold=0.0).extract(image)
+    assert not opened.found and CountingDecodes.decodes > closed_decodes, "finer levels were searched"
+    assert opened.presence == pytest.approx(ex.presence)
+
+
+def test_the_default_bundle_gates_the_search_and_still_reads_geometry(wm):
+    """The shipped bundle carries a calibrated threshold; its marks read after crop and rotation
+    through the gate (test_crop_and_rotation_survive), and the unmarked CT is answered at once."""
+    assert wm.presence_threshold is not None and wm.presence_threshold > 1.0
+    image = read_image(_file("693_UNCI.dcm"))
+    ex = wm.extract(image)
+    assert not ex.found and ex.presence < wm.presence_threshold
