@@ -52,6 +52,16 @@ def test_extract(benchmark, watermarker, image_512, image_2048, size):
 
 
 @pytest.mark.parametrize("size", ["512", "2048"])
+def test_extract_unmarked(benchmark, watermarker, image_512, image_2048, size):
+    """The common case beside a scanner: no mark, answered by the presence gate (issue 11)."""
+    image = image_512 if size == "512" else image_2048
+    benchmark.group = f"extract unmarked {size}x{size} 16-bit"
+    benchmark.name = "medsec-edge"
+    ex = benchmark(watermarker.extract, image)
+    assert not ex.found
+
+
+@pytest.mark.parametrize("size", ["512", "2048"])
 def test_dwtdct_embed(benchmark, dwtdct, image_512, image_2048, size):
     image = image_512 if size == "512" else image_2048
     benchmark.group = f"embed {size}x{size} 16-bit"
