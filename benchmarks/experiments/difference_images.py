@@ -46,14 +46,15 @@ def main(argv: list[str]) -> None:
             return np.clip(window.to_display(grey.astype(np.float64)), 0, 255)
 
         row[0].imshow(display(frame), cmap="gray", vmin=0, vmax=255)
-        row[0].set_title(f"{name} {frame.shape[1]}x{frame.shape[0]} (display window)")
+        row[0].set_title(f"{name}\n{frame.shape[1]}x{frame.shape[0]}, display window", fontsize=10)
         for ax, (label, wm) in zip(row[1:], marks.items()):
             marked = wm.embed(image, b"issue-11").pixels
             q = quality_row(image, marked)
             first = MedicalImage(marked, image.meta).frames()[0]
             diff = np.abs(display(first) - display(frame))
             im = ax.imshow(diff, cmap="magma", vmin=0, vmax=8)
-            ax.set_title(f"{label}: |difference|, PSNR_w {q['psnr_window']:.2f} dB, SSIM_w {q['ssim_window']:.4f}")
+            ax.set_title(f"{label}: |difference|\nPSNR_w {q['psnr_window']:.2f} dB, SSIM_w {q['ssim_window']:.4f}",
+                         fontsize=10)
         fig.colorbar(im, ax=row[2], fraction=0.046, label="display levels (of 255)")
         for ax in row:
             ax.axis("off")
