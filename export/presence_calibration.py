@@ -18,14 +18,13 @@ import argparse
 import logging
 import shlex
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from medsec_edge.export.watermark_export import DEFAULT_SIGNING_KEY
-from medsec_edge.runtime.bundle import load_signing_key, open_bundle
+from medsec_edge.runtime.bundle import open_bundle
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +95,17 @@ def summarise(raw: dict, margin: float = MARGIN) -> dict:
     }
 
 
-def record(bundle_dir: Path, presence: dict, *, signing_key: Path = DEFAULT_SIGNING_KEY) -> Path:
+def record(bundle_dir: Path, presence: dict, *, signing_key: Path = DEFAULT_SIGNING_KEY,
+           trusted_dir: Path | None = None) -> Path:
     """Write ``calibration.watermark.presence`` into the bundle's manifest and re-sign it in place."""
-    from medsec_edge.export.tamper_export import _write_in_place
+    from medsec_edge.export.tamper_export import resign_manifest
 
-    bundle = open_bundle(bundle_dir)
-    data = bundle.manifest.to_dict()
-    for key in ("version", "created", "key_id"):
-        data.pop(key, None)
-    data["models"] = {name: {k: v for k, v in entry.items() if k != "sha256"} for name, entry in data["models"].items()}
-    data.setdefault("calibration", {}).setdefault("watermark", {})["presence"] = {
-        **presence, "command": shlex.join(["python", "-m", "medsec_edge.export.presence_calibration", *sys.argv[1:]])}
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for name in bundle.manifest.models:
-            path = Path(tmp) / f"{name}.src"
-            path.write_bytes(bundle.model_bytes(name))
-            files[name] = path
-        return _write_in_place(Path(bundle_dir), Path(bundle_dir), data, files, load_signing_key(signing_key))
+    command = shlex.join(["python", "-m", "medsec_edge.export.presence_calibration", *sys.argv[1:]])
+
+    def update(data: dict) -> None:
+        data.setdefault("calibration", {}).setdefault("watermark", {})["presence"] = {**presence, "command": command}
+
+    return resign_manifest(Path(bundle_dir), update, signing_key=signing_key, trusted_dir=trusted_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -213,10 +213,10 @@ def evaluation_summary(eval_json: Path, report: str = "docs/tamper/tamper_eval.m
     }
 
 
-def record_evaluation(bundle_dir: Path, eval_json: Path, *, signing_key: Path = DEFAULT_SIGNING_KEY,
-                      trusted_dir: Path | None = None, report: str = "docs/tamper/tamper_eval.md") -> Path:
-    """Write the detector's held-out evaluation into the bundle's manifest (``evaluation.tamper``)
-    and re-sign it; model files and every other entry stay as they are."""
+def resign_manifest(bundle_dir: Path, update, *, signing_key: Path = DEFAULT_SIGNING_KEY,
+                    trusted_dir: Path | None = None) -> Path:
+    """Re-sign the bundle in place with ``update(data)`` applied to its manifest dict; model files
+    and every other entry stay as they are."""
     bundle_dir = Path(bundle_dir)
     private = load_signing_key(signing_key)
     bundle = open_bundle(bundle_dir) if trusted_dir is None else open_bundle(bundle_dir, trusted_keys=trusted_dir)
@@ -224,14 +224,23 @@ def record_evaluation(bundle_dir: Path, eval_json: Path, *, signing_key: Path = 
     for key in ("version", "created", "key_id"):
         data.pop(key, None)
     data["models"] = {name: {k: v for k, v in entry.items() if k != "sha256"} for name, entry in data["models"].items()}
-    data.setdefault("evaluation", {})["tamper"] = evaluation_summary(eval_json, report)
+    update(data)
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for name in bundle.manifest.models:
             path = Path(tmp) / f"{name}.src"
             path.write_bytes(bundle.model_bytes(name))
             files[name] = path
-        out = _write_in_place(bundle_dir, bundle_dir, data, files, private)
+        return _write_in_place(bundle_dir, bundle_dir, data, files, private)
+
+
+def record_evaluation(bundle_dir: Path, eval_json: Path, *, signing_key: Path = DEFAULT_SIGNING_KEY,
+                      trusted_dir: Path | None = None, report: str = "docs/tamper/tamper_eval.md") -> Path:
+    """Write the detector's held-out evaluation into the bundle's manifest (``evaluation.tamper``)
+    and re-sign it; model files and every other entry stay as they are."""
+    summary = evaluation_summary(eval_json, report)
+    out = resign_manifest(bundle_dir, lambda data: data.setdefault("evaluation", {}).__setitem__("tamper", summary),
+                          signing_key=signing_key, trusted_dir=trusted_dir)
     log.info("evaluation.tamper recorded in %s", out)
     return out
 
