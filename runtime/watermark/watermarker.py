@@ -116,8 +116,9 @@ def _frame_work(image: MedicalImage, frame: np.ndarray, factor: int) -> tuple[np
 class Watermarker:
     def __init__(self, models: WatermarkModels, codec: PayloadCodec | None = None,
                  target_psnr_db: float = 42.5, presence_threshold: float | None = None):
-        """``presence_threshold``: below it the lattice search stops ("no mark here"); default the
-        models' own (a bundle's calibrated value, ``calibration.watermark``), None searches always."""
+        """``presence_threshold``: below it the lattice search stops ("no mark here"); None takes
+        the models' own (a bundle's calibrated ``calibration.watermark``; a bundle without one
+        always searches), 0 always searches."""
         self.models = models
         self.presence_threshold = (getattr(models, "presence_threshold", None) if presence_threshold is None
                                    else float(presence_threshold))
@@ -238,8 +239,8 @@ class Watermarker:
         present = presence is not None and (self.presence_threshold is None or presence >= self.presence_threshold)
         if not decoded.found and present:
             # Something responds like a mark but did not decode: the best read's weakest bits
-            # may be its only wrong ones, so list-decode it once (~0.1 s; unmarked images almost
-            # never get here, and a nominal-only read, search=False, never lists).
+            # may be its only wrong ones, so list-decode it once (tens of ms; unmarked images
+            # almost never get here, and a nominal-only read, search=False, never lists).
             t2 = time.perf_counter()
             listed = self.codec.decode_list(logits)
             if listed.found:
