@@ -276,7 +276,7 @@ class PayloadCodec:
         A read whose few wrong bits are the weakest ones (the common failure after noise or
         compression) comes back; each attempt is accepted by a random word with probability
         8.5e-13 (``false_accept_bound``'s errors-only term), so the 2^flips - 1 attempts add at
-        most 2.2e-10 per list for 8 flips. ~0.4 ms per attempt: the extractor lists once per read.
+        most 2.2e-10 per list for 8 flips. 255 attempts take 10-25 ms: the extractor lists once per read.
         """
         decoded = self.decode(logits)
         if decoded.found or flips <= 0:
