@@ -109,7 +109,8 @@ def export_onnx(checkpoint: Path, out_dir: Path) -> tuple[dict[str, Path], dict[
                 worst = max(worst, float(np.max(np.abs(ref - got))))
                 scale = max(scale, float(np.max(np.abs(ref))))
         parity[name] = worst
-        # the masked strength map reaches ~100 on edges: float32 rounding is judged against that
+        # the masked strength map grows as a power of the local variance: its float32 rounding
+        # is judged against the map's own scale
         parity_rel[name] = worst / max(scale, 1e-12)
         paths[name] = path
         log.info("%s: onnx.checker ok, parity max abs error %.2e", name, worst)
