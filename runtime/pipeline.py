@@ -300,7 +300,7 @@ def _watermark(path, out_path, watermarker, bundle, key, explicit, *, checker, o
         status=status, reason=reason,
         shape=tuple(int(s) for s in image.pixels.shape), payload_mode=mode, found=check.found,
         confidence=round(check.confidence, 4), bits_corrected=check.bits_corrected,
-        capacity=capacity(*image.frames()[0].shape[:2]),
+        capacity=capacity(*image.shape_hw),
         latency_ms={k: round(v, 2) for k, v in lat.items()}, budget_misses=misses, tamper=tamper, **seal,
         **evidence, flags=flags, sop_uid=sop_uid if written else None,
     )

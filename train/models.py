@@ -60,7 +60,8 @@ class StrengthEncoder(nn.Module):
     """Display image (0..1) -> positive strength map (same size): where energy hides best.
 
     ``jnd_power`` > 0 multiplies the learned map by :func:`masking_prior` with a learned exponent
-    started there (0: no prior, the first release's model)."""
+    started there (0: no prior, the first release's model); the exponent is used clamped to
+    [0, 2], so a start above 2 acts as 2."""
 
     def __init__(self, width: int = 16, jnd_power: float = 0.0):
         super().__init__()

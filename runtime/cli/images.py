@@ -139,7 +139,7 @@ def extract(
                     "key_id": wm_key.key_id if wm_key is not None else None,
                     "period_px": round(ex.period_px, 2), "angle_deg": round(ex.angle_deg, 2),
                     "latency_ms": round(ex.timings_ms.get("total_ms", 0.0), 2),
-                    "capacity": capacity(*image.frames()[0].shape[:2]),
+                    "capacity": capacity(*image.shape_hw),
                 }
                 if not ex.found or row["identity_match"] is False:
                     worst = max(worst, 1)
