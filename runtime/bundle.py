@@ -4,21 +4,29 @@ Layer: runtime. A bundle is a directory (or a ``.tar`` of one) holding ``manifes
 model files it names, and ``manifest.sig``: a raw 64-byte Ed25519 signature over the exact
 manifest bytes. ``open_bundle`` verifies, in this order and before any model byte is
 deserialized: the signature (with a given key or one from the trust store), the manifest
-version, every model file's sha256, and whether each model's target can run on this machine.
-Writing and signing live here too (``write_bundle``, ``pack_tar``, key helpers) so the export
-side can produce bundles without this module importing onnx or torch.
+version, every model file's sha256, and whether the bundle can run here: what its ``requires``
+asks of this installation (medsec-edge version, ONNX opset) and each model's target. A damaged
+bundle (a changed byte in any of its files, in a directory or a ``.tar``) is refused with
+``BundleError``, never another exception. Writing and signing live here too (``write_bundle``,
+``pack_tar``, ``default_requires``, key helpers) so the export side can produce bundles without
+this module importing onnx or torch.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bz2
+import gzip
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
 import logging
+import lzma
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -26,7 +34,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -43,14 +51,21 @@ __all__ = [
     "Manifest",
     "ModelEntry",
     "TensorSpec",
+    "default_requires",
     "default_trust_dir",
     "generate_signing_key",
     "key_id",
     "load_public_key",
     "load_signing_key",
+    "model_compatibility",
+    "onnxruntime_max_opset",
     "open_bundle",
     "pack_tar",
+    "peek_manifest",
+    "runtime_version",
     "trusted_public_keys",
+    "version_id",
+    "version_satisfies",
     "write_bundle",
 ]
 
@@ -60,7 +75,8 @@ SIGNATURE_FILE = "manifest.sig"
 TRUSTED_KEYS_ENV = "MEDSEC_EDGE_TRUSTED_KEYS"
 PRECISIONS = ("fp32", "fp16", "int8-qdq")
 ONNXRUNTIME_TARGET = "onnxruntime"
-_HASH_SHOWN = 12  # hex digits of a hash shown in messages
+_HASH_SHOWN = 12  # hex digits of a hash shown in messages (and of a version id)
+REQUIREMENTS = ("runtime", "onnx_opset")  # what a manifest's ``requires`` may ask for
 _SIGNATURE_BYTES = 64
 
 DeviceProbe = Callable[[], Any]  # returns tensorrt_backend.DeviceInfo or None
@@ -177,7 +193,9 @@ class ModelEntry:
         )
 
 
-_MANIFEST_DICTS = ("payload", "budgets_ms", "training", "export", "calibration", "evaluation", "extra")
+_MANIFEST_DICTS = ("payload", "budgets_ms", "training", "export", "calibration", "evaluation", "extra", "requires")
+# Written only when not empty, so a manifest without requirements keeps the bytes it was signed as.
+_OMITTED_WHEN_EMPTY = ("requires",)
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,7 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     key_id: str = ""  # id of the signing key (filled by write_bundle)
+    requires: dict = field(default_factory=dict)  # {"runtime": ">=0.1.0", "onnx_opset": 17}
 
     def __post_init__(self) -> None:
         _require_dict(self.models, "models")
@@ -204,6 +223,7 @@ class Manifest:
                 raise BundleError(f"manifest: models[{key!r}] must be a ModelEntry named {key!r}")
         for name in _MANIFEST_DICTS:
             _require_dict(getattr(self, name), name)
+        _check_requires(self.requires)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -214,7 +234,8 @@ class Manifest:
             "models": {name: entry.to_dict() for name, entry in self.models.items()},
         }
         for name in _MANIFEST_DICTS:
-            data[name] = getattr(self, name)
+            if getattr(self, name) or name not in _OMITTED_WHEN_EMPTY:
+                data[name] = getattr(self, name)
         return data
 
     def to_json_bytes(self) -> bytes:
@@ -261,6 +282,166 @@ def _parse_json(raw: bytes) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST_FILE} is not valid UTF-8 JSON ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Requirements: what a bundle asks of the installation that opens it
+
+# The highest default-domain ONNX opset each onnxruntime release implements (onnxruntime's
+# "ONNX Runtime compatibility" page). Releases newer than the last row are assumed to run what
+# that row runs: a bundle that needs more is refused until this table knows better, never
+# loaded on a guess. The runtime reads installed versions from package metadata: it may not
+# import onnx, and imports onnxruntime only inside backends/.
+ONNXRUNTIME_MAX_OPSET = {
+    (1, 17): 20,
+    (1, 18): 21,
+    (1, 19): 21,
+    (1, 20): 21,
+    (1, 21): 22,
+    (1, 22): 23,
+    (1, 23): 23,
+}
+_ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+_SPEC_OPERATORS = (">=", "<=", "==", "!=", ">", "<")  # two-character ones first
+_RELEASE = re.compile(r"\d+(?:\.\d+)*")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The dotted integers that start ``version`` (``0.2.0rc1`` -> (0, 2, 0)); pre-release and
+    local parts are ignored, which is as far as this simple comparison goes."""
+    match = _RELEASE.match(version.strip().lstrip("vV"))
+    if match is None:
+        raise ValueError(f"version {version!r} does not start with dotted integers")
+    return tuple(int(part) for part in match.group(0).split("."))
+
+
+def _parse_spec(spec: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``">=0.1.0, <0.3"`` -> [(">=", (0, 1, 0)), ("<", (0, 3))]; ValueError if malformed."""
+    clauses = []
+    for clause in spec.split(","):
+        clause = clause.strip()
+        operator = next((op for op in _SPEC_OPERATORS if clause.startswith(op)), None)
+        if operator is None:
+            raise ValueError(f"clause {clause!r} does not start with one of {' '.join(_SPEC_OPERATORS)}")
+        number = clause[len(operator):].strip()
+        if not _RELEASE.fullmatch(number):
+            raise ValueError(f"clause {clause!r}: {number!r} is not dotted integers")
+        clauses.append((operator, tuple(int(part) for part in number.split("."))))
+    return clauses
+
+
+def version_satisfies(version: str, spec: str) -> bool:
+    """Whether ``version`` meets every comma-separated clause of ``spec`` (``>=``, ``<=``, ``>``,
+    ``<``, ``==``, ``!=`` on dotted integers; missing trailing parts count as 0)."""
+    have = _release(version)
+    for operator, want in _parse_spec(spec):
+        width = max(len(have), len(want))
+        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+        ok = {">=": a >= b, "<=": a <= b, ">": a > b, "<": a < b, "==": a == b, "!=": a != b}[operator]
+        if not ok:
+            return False
+    return True
+
+
+def _check_requires(requires: Mapping[str, Any]) -> None:
+    unknown = sorted(set(requires) - set(REQUIREMENTS))
+    if unknown:
+        raise BundleError(
+            f"manifest: requires asks for {unknown}, which this medsec-edge ({runtime_version()}) does "
+            f"not know (it knows {', '.join(REQUIREMENTS)}): use a newer medsec-edge"
+        )
+    if "runtime" in requires:
+        spec = requires["runtime"]
+        try:
+            if not isinstance(spec, str):
+                raise ValueError(f"found a {type(spec).__name__}")
+            _parse_spec(spec)
+        except ValueError as exc:
+            raise BundleError(
+                f"manifest: requires.runtime must be a version spec such as '>=0.1.0, <0.3' ({exc})"
+            ) from None
+    if "onnx_opset" in requires:
+        opset = requires["onnx_opset"]
+        if isinstance(opset, bool) or not isinstance(opset, int) or opset < 1:
+            raise BundleError(f"manifest: requires.onnx_opset must be a positive integer, found {opset!r}")
+
+
+def runtime_version() -> str:
+    """The installed medsec-edge version (package metadata, else the source tree's)."""
+    try:
+        return importlib.metadata.version("medsec-edge")
+    except importlib.metadata.PackageNotFoundError:
+        from medsec_edge.runtime import __version__
+
+        return __version__
+
+
+def _onnxruntime_version() -> str | None:
+    for distribution in _ONNXRUNTIME_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def onnxruntime_max_opset(version: str | None = None) -> int | None:
+    """The highest ONNX opset onnxruntime ``version`` (default: the installed one) runs, or None
+    if it is older than every release the table knows (or none is installed)."""
+    version = version if version is not None else _onnxruntime_version()
+    if version is None:
+        return None
+    release = _release(version)[:2]
+    known = [row for row in sorted(ONNXRUNTIME_MAX_OPSET) if row <= release]
+    return ONNXRUNTIME_MAX_OPSET[known[-1]] if known else None
+
+
+def default_requires(onnx_opset: int | None = None) -> dict[str, Any]:
+    """``requires`` for a bundle written now: this medsec-edge's minor release or newer, and
+    ``onnx_opset`` if its ONNX models need one (the opset they were exported with)."""
+    major, minor = (_release(runtime_version()) + (0, 0))[:2]
+    requires: dict[str, Any] = {"runtime": f">={major}.{minor}.0"}
+    if onnx_opset is not None:
+        requires["onnx_opset"] = int(onnx_opset)
+    _check_requires(requires)
+    return requires
+
+
+def _runtime_problem(manifest: "Manifest") -> str | None:
+    """Why this medsec-edge cannot open the bundle (``requires.runtime``), or None."""
+    spec = manifest.requires.get("runtime")
+    if spec is None:
+        return None
+    have = runtime_version()
+    try:
+        if version_satisfies(have, spec):
+            return None
+    except ValueError as exc:
+        return f"cannot compare medsec-edge {have} with requires.runtime {spec!r} ({exc})"
+    return (
+        f"it requires medsec-edge {spec}, this is medsec-edge {have}: install a medsec-edge that "
+        f"satisfies '{spec}' (pip install -U medsec-edge), or use a bundle made for {have}"
+    )
+
+
+def _opset_problem(opset: int) -> str | None:
+    """Why the installed onnxruntime cannot run ONNX opset ``opset``, or None."""
+    version = _onnxruntime_version()
+    if version is None:
+        return f"needs ONNX opset {opset}, and the installed onnxruntime's version is unknown: pip install -U onnxruntime"
+    highest = onnxruntime_max_opset(version)
+    oldest = ".".join(map(str, min(ONNXRUNTIME_MAX_OPSET)))
+    if highest is None:
+        return (
+            f"needs ONNX opset {opset}, and onnxruntime {version} is older than {oldest}, the oldest "
+            "medsec-edge knows: pip install -U onnxruntime"
+        )
+    if opset > highest:
+        return (
+            f"needs ONNX opset {opset}, onnxruntime {version} runs opsets up to {highest}: "
+            f"pip install -U onnxruntime, or re-export the model at opset {highest} or lower"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,34 +591,68 @@ def _safe_member_name(member: tarfile.TarInfo) -> str | None:
     return str(PurePosixPath(*parts)) if parts else "."
 
 
+_TAR_BLOCK = 512
+# A header's checksum field as tar writers store it (six octal digits, NUL, space; or seven and
+# NUL). tarfile reads the digits only, so a damaged terminator would otherwise go unnoticed.
+_TAR_CHECKSUM = re.compile(rb"[0-7]{6}\x00 |[0-7]{7}\x00")
+_COMPRESSED = ((b"\x1f\x8b", gzip.decompress), (b"BZh", bz2.decompress), (b"\xfd7zXZ\x00", lzma.decompress))
+
+
 class _TarSource:
-    """Every regular file of a checked tar, read into memory."""
+    """Every regular file of a checked tar, read into memory.
+
+    Besides what ``tarfile`` checks (each header's checksum), the archive must account for every
+    byte: members follow one another, the padding after each member's (and each extended
+    header's) data and everything after the last member are zero. So a changed byte of a
+    ``.tar`` bundle is refused even where it would change no file (``tarfile`` silently ends the
+    archive at a damaged header after the first, and never reads padding). The one exception is
+    a value inside a pax record (a timestamp that GNU tar's pax format writes, say): still a
+    valid archive with the same files, so nothing signed changed.
+    """
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         try:
-            archive = tarfile.open(path, mode="r:*")
-        except (tarfile.TarError, OSError) as exc:
-            raise BundleError(f"bundle {path} is not a readable tar archive ({exc})") from None
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle {path} cannot be read ({exc.strerror})") from None
+        try:
+            self.files = self._read(_decompressed(raw))
+        except BundleError:
+            raise
+        except Exception as exc:  # a damaged archive raises many kinds (tarfile, zlib, lzma, EOF, ...)
+            raise BundleError(
+                f"bundle {path} is not a readable tar archive ({type(exc).__name__}: {exc}): "
+                "copy the bundle again from its source"
+            ) from None
+
+    def _read(self, data: bytes) -> dict[str, bytes]:
+        path = self.path
         files: dict[str, bytes] = {}
-        with archive:
-            members = archive.getmembers()
-            for member in members:
+        position = 0
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            for member in archive.getmembers():
                 name = _safe_member_name(member)
                 if name is None:
                     raise BundleError(
                         f"bundle {path} refused: tar member {member.name!r} points outside the bundle"
                     )
-                if member.isdir():
-                    continue
-                if not member.isfile():
+                if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
                     raise BundleError(
                         f"bundle {path} refused: tar member {member.name!r} is a link or special "
                         "file; bundles hold regular files only"
                     )
+                position = _check_tar_layout(path, data, member, position)
+                if member.isdir():
+                    continue
                 if name in files:
                     raise BundleError(f"bundle {path} refused: tar member {name!r} appears twice")
-                handle = archive.extractfile(member)
-                files[name] = handle.read() if handle is not None else b""
+                files[name] = data[member.offset_data : member.offset_data + member.size]
+        if data[position:].strip(b"\x00"):
+            raise BundleError(
+                f"bundle {path} refused: the tar has non-zero bytes after its last member (at byte "
+                f"{position}), expected only zero blocks: the archive is damaged or was altered"
+            )
         prefix = ""
         if MANIFEST_FILE not in files:
             tops = {name.split("/", 1)[0] for name in files}
@@ -445,11 +660,56 @@ class _TarSource:
                 prefix = next(iter(tops)) + "/"
             else:
                 raise BundleError(f"bundle {path} has no {MANIFEST_FILE} at its top level")
-        self.files = {name[len(prefix):]: data for name, data in files.items() if name.startswith(prefix)}
-        self.path = path
+        return {name[len(prefix):]: blob for name, blob in files.items() if name.startswith(prefix)}
 
     def read(self, name: str) -> bytes | None:
         return self.files.get(name)
+
+
+def _decompressed(raw: bytes) -> bytes:
+    for magic, decompress in _COMPRESSED:
+        if raw.startswith(magic):
+            return decompress(raw)
+    return raw
+
+
+def _check_tar_layout(path: Path, data: bytes, member: tarfile.TarInfo, position: int) -> int:
+    """Refuse a member that does not start where the previous one ended, has a malformed checksum
+    field or non-zero padding after its data; return where the next member must start."""
+    if member.offset != position:
+        raise BundleError(
+            f"bundle {path} refused: tar member {member.name!r} starts at byte {member.offset}, the "
+            f"previous member ends at byte {position}: the archive is damaged or was altered"
+        )
+    # Extended headers (pax, GNU long names) come first, each a header block and its data; then
+    # the member's own header, then its data.
+    header = member.offset
+    while True:
+        if not _TAR_CHECKSUM.fullmatch(data[header + 148 : header + 156]):
+            raise BundleError(
+                f"bundle {path} refused: tar header at byte {header} has a malformed checksum field"
+            )
+        if header + _TAR_BLOCK >= member.offset_data:
+            break
+        size = tarfile.nti(data[header + 124 : header + 136])
+        header = _check_tar_padding(path, data, member, header + _TAR_BLOCK + size)
+    if header + _TAR_BLOCK != member.offset_data:
+        raise BundleError(
+            f"bundle {path} refused: the extended headers of tar member {member.name!r} do not end "
+            "where its header starts: the archive is damaged or was altered"
+        )
+    return _check_tar_padding(path, data, member, member.offset_data + (0 if member.isdir() else member.size))
+
+
+def _check_tar_padding(path: Path, data: bytes, member: tarfile.TarInfo, end: int) -> int:
+    """Refuse non-zero bytes from ``end`` to the next block boundary; return that boundary."""
+    padded = end + (-end % _TAR_BLOCK)
+    if data[end:padded].strip(b"\x00"):
+        raise BundleError(
+            f"bundle {path} refused: tar member {member.name!r} is followed by non-zero padding: "
+            "the archive is damaged or was altered"
+        )
+    return padded
 
 
 class _DirectorySource:
@@ -458,23 +718,31 @@ class _DirectorySource:
         self.root = path.resolve()
 
     def _resolve(self, name: str) -> Path | None:
-        candidate = (self.root / name).resolve()
+        try:
+            candidate = (self.root / name).resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise BundleError(f"bundle {self.path}: {name!r} cannot be resolved ({exc})") from None
         if not candidate.is_relative_to(self.root):
             raise BundleError(f"bundle {self.path}: {name!r} resolves outside the bundle directory")
         return candidate if candidate.is_file() else None
 
     def read(self, name: str) -> bytes | None:
         path = self._resolve(name)
-        return path.read_bytes() if path is not None else None
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle {self.path}: {name!r} cannot be read ({exc.strerror})") from None
 
 
-def _compatibility(entry: ModelEntry, device_probe: Callable[[], Any]) -> str | None:
-    """None if ``entry`` can run here, else why not."""
+def _compatibility(entry: ModelEntry, device_probe: Callable[[], Any], onnx_opset: int | None = None) -> str | None:
+    """None if ``entry`` can run here, else why not (``onnx_opset``: the manifest's requires)."""
     target = entry.target.strip()
     if target.lower() == ONNXRUNTIME_TARGET:
         if importlib.util.find_spec("onnxruntime") is None:
             return "target 'onnxruntime' needs onnxruntime, which is not installed: pip install onnxruntime"
-        return None
+        return _opset_problem(onnx_opset) if onnx_opset is not None else None
     if entry.is_tensorrt:
         from medsec_edge.runtime.backends import tensorrt_backend as trt_backend
 
@@ -513,7 +781,8 @@ def _verify_signature(
         given = key_id(key)
         if claimed_key_id and claimed_key_id != given:
             raise BundleError(
-                f"bundle {where} is signed by key {claimed_key_id}, but the given public key is {given}"
+                f"bundle {where} is signed by key {claimed_key_id}, but the given public key is {given}: "
+                "verify it with its signer's public key, or get a bundle signed by this one"
             )
         candidates = {given: key}
     else:
@@ -530,8 +799,9 @@ def _verify_signature(
         if claimed_key_id:
             if claimed_key_id not in store:
                 raise BundleError(
-                    f"bundle {where} is signed by unknown key id {claimed_key_id}; trusted key ids "
-                    f"are {', '.join(sorted(store))}"
+                    f"bundle {where} is signed by unknown key id {claimed_key_id}, which is not trusted; "
+                    f"trusted key ids are {', '.join(sorted(store))}: if you trust its signer, add "
+                    f"its .pub file to the trusted keys (--trusted-keys DIR or {TRUSTED_KEYS_ENV})"
                 )
             candidates = {claimed_key_id: store[claimed_key_id]}
         else:
@@ -545,7 +815,7 @@ def _verify_signature(
     raise BundleError(
         f"bundle {where}: signature check failed for {MANIFEST_FILE} (key "
         f"{', '.join(sorted(candidates))}): the manifest was modified after signing, or signed by "
-        "another key"
+        "another key; copy the bundle again from its source"
     )
 
 
@@ -573,12 +843,32 @@ class Bundle:
         signer_key_id: str,
         source: _TarSource | _DirectorySource,
         compatibility: dict[str, str | None],
+        manifest_bytes: bytes = b"",
+        signature: bytes = b"",
     ) -> None:
         self.path = path
         self.manifest = manifest
         self.key_id = signer_key_id
         self.compatibility = compatibility  # model name -> None (can run here) or why not
+        self.manifest_bytes = manifest_bytes  # exactly what the signature covers
+        self.signature = signature
         self._source = source
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    @property
+    def version_id(self) -> str:
+        return version_id(self.manifest.name, self.manifest_bytes)
+
+    def files(self) -> Iterator[tuple[str, bytes]]:
+        """Every file of the bundle as (relative path, bytes): the manifest, its signature, then
+        each model's file, re-hashed against the signed manifest as it is read."""
+        yield MANIFEST_FILE, self.manifest_bytes
+        yield SIGNATURE_FILE, self.signature
+        for entry in self.manifest.models.values():
+            yield entry.file, _read_verified(self._source, entry, str(self.path))
 
     @classmethod
     def open(cls, path: Path | str, **kwargs: Any) -> "Bundle":
@@ -658,6 +948,13 @@ class Bundle:
         return f"<Bundle {self.manifest.name!r} at {self.path} signed by {self.key_id}>"
 
 
+def version_id(name: str, manifest_bytes: bytes) -> str:
+    """``<name>-<first 12 hex of sha256(manifest bytes)>``: names one signed release, and is a
+    safe directory name (``bundle install`` keeps each release under it)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._")[:64] or "bundle"
+    return f"{safe}-{hashlib.sha256(manifest_bytes).hexdigest()[:_HASH_SHOWN]}"
+
+
 def _describe(specs: Iterable[TensorSpec]) -> str:
     return "[" + ", ".join(f"{s.name}: {s.dtype} rank {s.rank}" for s in specs) + "]"
 
@@ -675,50 +972,46 @@ def open_bundle(
 
     The signature is checked with ``public_key`` if given, else with the trust store
     (``trusted_keys``: a key mapping or a location, default ``trusted_public_keys()``). Then the
-    manifest version, then every model file's sha256, then compatibility: each model's reason
-    is kept in ``Bundle.compatibility``; the bundle is refused if a model named in ``require`` (or,
-    without ``require``, every model) cannot run here. ``device_probe`` returns the TensorRT
-    ``DeviceInfo`` of this machine (or None); by default it is the TensorRT backend's probe.
+    manifest version, then every model file's sha256, then compatibility: the bundle is refused
+    if this medsec-edge does not meet ``requires.runtime``; each model's reason (its target here,
+    and ``requires.onnx_opset`` for onnxruntime models) is kept in ``Bundle.compatibility``, and
+    the bundle is refused if a model named in ``require`` (or, without ``require``, every model)
+    cannot run here. ``device_probe`` returns the TensorRT ``DeviceInfo`` of this machine (or
+    None); by default it is the TensorRT backend's probe.
     """
     path = Path(path)
     where = str(path)
-    if path.is_dir():
-        source: _TarSource | _DirectorySource = _DirectorySource(path)
-    elif path.is_file():
-        source = _TarSource(path)
-    else:
-        raise BundleError(f"bundle {where} does not exist")
-
+    source = _source(path)
     manifest_bytes = source.read(MANIFEST_FILE)
     if manifest_bytes is None:
         raise BundleError(f"bundle {where} has no {MANIFEST_FILE}")
     signature = source.read(SIGNATURE_FILE)
     if signature is None:
-        raise BundleError(f"bundle {where} has no {SIGNATURE_FILE}: unsigned bundles are refused")
+        raise BundleError(
+            f"bundle {where} has no {SIGNATURE_FILE}: unsigned bundles are refused; sign it "
+            "('medsec-edge export ... --signing-key KEY' writes signed bundles)"
+        )
     if len(signature) != _SIGNATURE_BYTES:
         raise BundleError(
-            f"bundle {where}: {SIGNATURE_FILE} has {len(signature)} bytes, an Ed25519 signature has 64"
+            f"bundle {where}: {SIGNATURE_FILE} has {len(signature)} bytes, an Ed25519 signature has 64: "
+            "copy the bundle again from its source"
         )
 
     # The key id is read before verification only to pick the key; nothing else is trusted yet.
     raw = _parse_json(manifest_bytes)
     claimed = str(raw.get("key_id", "")) if isinstance(raw, dict) else ""
     signer = _verify_signature(manifest_bytes, signature, claimed, public_key, trusted_keys, where)
-    manifest = Manifest.from_dict(raw)
+    manifest = _manifest_from(raw, where)
 
     for entry in manifest.models.values():
         _read_verified(source, entry, where)
 
     compatibility: dict[str, str | None] = {}
     if check_compatibility:
-        cached: list[Any] = []
-
-        def probe_once() -> Any:
-            if not cached:
-                cached.append((device_probe or _default_device_probe)())
-            return cached[0]
-
-        compatibility = {name: _compatibility(e, probe_once) for name, e in manifest.models.items()}
+        problem = _runtime_problem(manifest)
+        if problem is not None:
+            raise BundleError(f"bundle {manifest.name!r} cannot run here: {problem}")
+        compatibility = model_compatibility(manifest, device_probe)
         required = list(require) if require is not None else list(manifest.models)
         for name in required:
             if name not in manifest.models:
@@ -728,7 +1021,53 @@ def open_bundle(
             details = "; ".join(f"{name}: {reason}" for name, reason in blocked.items())
             raise BundleError(f"bundle {manifest.name!r} cannot run here: {details}")
     log.info("opened bundle %r (%d models) signed by %s", manifest.name, len(manifest.models), signer)
-    return Bundle(path, manifest, signer, source, compatibility)
+    return Bundle(path, manifest, signer, source, compatibility, manifest_bytes, signature)
+
+
+def model_compatibility(manifest: Manifest, device_probe: DeviceProbe | None = None) -> dict[str, str | None]:
+    """Each model's reason it cannot run here, None where it can: ``requires.runtime`` (for
+    every model), its target on this machine, and ``requires.onnx_opset`` for onnxruntime
+    models. The device is probed at most once."""
+    problem = _runtime_problem(manifest)
+    if problem is not None:
+        return {name: problem for name in manifest.models}
+    cached: list[Any] = []
+
+    def probe_once() -> Any:
+        if not cached:
+            cached.append((device_probe or _default_device_probe)())
+        return cached[0]
+
+    opset = manifest.requires.get("onnx_opset")
+    return {name: _compatibility(entry, probe_once, opset) for name, entry in manifest.models.items()}
+
+
+def _source(path: Path) -> _TarSource | _DirectorySource:
+    if path.is_dir():
+        return _DirectorySource(path)
+    if path.is_file():
+        return _TarSource(path)
+    raise BundleError(f"bundle {path} does not exist")
+
+
+def _manifest_from(raw: Any, where: str) -> Manifest:
+    try:
+        return Manifest.from_dict(raw)
+    except BundleError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a malformed value deep inside
+        raise BundleError(f"bundle {where}: {MANIFEST_FILE} is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def peek_manifest(path: Path | str) -> tuple[Manifest, bytes]:
+    """The manifest of a bundle directory or ``.tar`` and its bytes, NOT verified: nothing here
+    checks the signature or the files. For showing what a bundle claims (``bundle inspect``)
+    next to the verdict of ``open_bundle``; never to decide anything."""
+    path = Path(path)
+    manifest_bytes = _source(path).read(MANIFEST_FILE)
+    if manifest_bytes is None:
+        raise BundleError(f"bundle {path} has no {MANIFEST_FILE}")
+    return _manifest_from(_parse_json(manifest_bytes), str(path)), manifest_bytes
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medsec_edge.runtime.bundle import Bundle, open_bundle
+from medsec_edge.runtime.bundle_store import resolve_bundle_path
 from medsec_edge.runtime.crypto.reversible import build_reversible_dataset, record_for_image, write_reversible
 from medsec_edge.runtime.crypto.sealing import sealed_bytes
 from medsec_edge.runtime.crypto.watermark_key import WatermarkKey
@@ -67,7 +68,7 @@ def load_watermarker(bundle_path: Path | None = None, *, threads: int | None = N
     path = bundle_path or default_bundle_path()
     if not path.exists():
         raise BundleError(f"bundle {path} does not exist: pass --bundle or set {BUNDLE_ENV}")
-    bundle = open_bundle(path)
+    bundle = open_bundle(resolve_bundle_path(path))  # a device directory: its current bundle
     models = BundleWatermarkModels(bundle, backend=backend, threads=threads)
     target = float(bundle.manifest.payload.get("target_psnr_db", 42.5))
     return Watermarker(models, PayloadCodec(), target_psnr_db=target), bundle

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from medsec_edge.runtime.cli import crypto, images, node
+from medsec_edge.runtime.cli import bundles, crypto, images, node
 from medsec_edge.runtime.cli.extras import missing_extra
 from medsec_edge.runtime.cli.help import Command, Group, compose_help
 from medsec_edge.runtime.cli.logs import setup_logging
@@ -24,7 +24,7 @@ from medsec_edge.runtime.errors import MedsecError
 COMMAND_GROUP = "medsec_edge.commands"
 
 # Which extra brings a workstation command, for the message when it is missing.
-EXTRA_OF = {"train": "train", "export": "export", "eval": "eval", "calibrate": "export"}
+EXTRA_OF = {"train": "train", "export": "export", "eval": "eval", "calibrate": "export", "build": "export"}
 
 log = logging.getLogger("medsec_edge")
 
@@ -83,6 +83,7 @@ def register_plugins(target: typer.Typer) -> None:
 images.register(app)
 crypto.register(app)
 node.register(app)
+bundles.register(app)
 register_plugins(app)
 
 

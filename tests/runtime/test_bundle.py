@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,3 +440,171 @@ def test_signing_key_files(tmp_path, keys):
     bad.chmod(0o600)
     with pytest.raises(KeyFileError, match="not an unencrypted PEM"):
         load_signing_key(bad)
+
+
+# --- requires: the medsec-edge version and the ONNX opset a bundle needs -------------------------
+
+
+def test_old_manifests_without_requires_keep_their_bytes():
+    raw = (Path(__file__).resolve().parents[2] / "bundles" / "default" / "manifest.json").read_bytes()
+    manifest = Manifest.from_json_bytes(raw)
+    assert manifest.requires == {} and b'"requires"' not in raw
+    assert manifest.to_json_bytes() == raw  # re-serialised as signed: no empty "requires" added
+
+
+def test_requires_round_trips(tmp_path, keys, model_file):
+    data = dict(_manifest(), requires={"runtime": ">=0.1.0, <99", "onnx_opset": 17})
+    directory = write_bundle(tmp_path / "b", data, {"conv": model_file}, keys["private"])
+    bundle = open_bundle(directory, public_key=keys["public"])
+    assert bundle.manifest.requires == {"runtime": ">=0.1.0, <99", "onnx_opset": 17}
+    raw = (directory / "manifest.json").read_bytes()
+    assert Manifest.from_json_bytes(raw).to_json_bytes() == raw
+
+
+def test_default_requires_is_what_this_runtime_meets(tmp_path, keys, model_file):
+    requires = bundle_mod.default_requires(17)
+    major, minor = bundle_mod.runtime_version().split(".")[:2]
+    assert requires == {"runtime": f">={major}.{minor}.0", "onnx_opset": 17}
+    assert bundle_mod.default_requires() == {"runtime": f">={major}.{minor}.0"}
+    directory = write_bundle(tmp_path / "b", dict(_manifest(), requires=requires), {"conv": model_file}, keys["private"])
+    assert open_bundle(directory, public_key=keys["public"]).compatibility == {"conv": None}
+
+
+def test_a_newer_runtime_requirement_is_refused(tmp_path, keys, model_file):
+    data = dict(_manifest(), requires={"runtime": ">=99.0"})
+    directory = write_bundle(tmp_path / "b", data, {"conv": model_file}, keys["private"])
+    have = bundle_mod.runtime_version()
+    with pytest.raises(BundleError) as info:
+        open_bundle(directory, public_key=keys["public"])
+    message = str(info.value)
+    assert f"requires medsec-edge >=99.0, this is medsec-edge {have}" in message
+    assert "pip install -U medsec-edge" in message
+    # integrity alone still checks out (what `bundle inspect` reports as "cannot run here")
+    assert open_bundle(directory, public_key=keys["public"], check_compatibility=False).manifest.name == "test-bundle"
+
+
+def test_a_newer_opset_is_refused_for_onnxruntime_models_only(tmp_path, keys, model_file):
+    highest = bundle_mod.onnxruntime_max_opset()
+    assert highest is not None and highest >= 20
+    data = dict(_manifest(), requires={"onnx_opset": highest + 1})
+    directory = write_bundle(tmp_path / "b", data, {"conv": model_file}, keys["private"])
+    ort_version = bundle_mod._onnxruntime_version()
+    with pytest.raises(BundleError) as info:
+        open_bundle(directory, public_key=keys["public"])
+    assert (f"conv: needs ONNX opset {highest + 1}, onnxruntime {ort_version} runs opsets up to {highest}: "
+            "pip install -U onnxruntime") in str(info.value)
+    ok = dict(_manifest(), requires={"onnx_opset": highest})
+    assert open_bundle(write_bundle(tmp_path / "ok", ok, {"conv": model_file}, keys["private"]),
+                       public_key=keys["public"]).compatibility == {"conv": None}
+    # a TensorRT engine is not an ONNX model: the opset does not apply to it
+    trt = _trt_bundle(tmp_path, keys, model_file, "tensorrt-10.8-sm_87")
+    data = json.loads((trt / "manifest.json").read_bytes())
+    data["requires"] = {"onnx_opset": highest + 1}
+    _resign(trt, data, keys["private"])
+    bundle = open_bundle(trt, public_key=keys["public"], device_probe=lambda: trt_backend.DeviceInfo("10.8.0.1", "sm_87"))
+    assert bundle.compatibility["conv_trt"] is None and "needs ONNX opset" in bundle.compatibility["conv"]
+
+
+@pytest.mark.parametrize("version, expected", [
+    ("1.16.3", None), ("1.17.0", 20), ("1.18.1", 21), ("1.20.1", 21), ("1.21.0", 22), ("1.22.2", 23),
+    ("1.23.0", 23), ("1.32.0", 23), ("2.0.0", 23),
+])
+def test_onnxruntime_opset_table(version, expected):
+    assert bundle_mod.onnxruntime_max_opset(version) == expected
+
+
+@pytest.mark.parametrize("version, spec, expected", [
+    ("0.1.0", ">=0.1.0", True), ("0.1.0", ">=0.1", True), ("0.1.0", ">0.1", False), ("0.1.0", "<0.2.0", True),
+    ("0.2.0", ">=0.1.0, <0.2.0", False), ("0.1.5", ">=0.1.0, <0.2.0", True), ("0.1.0", "==0.1", True),
+    ("0.1.0", "!=0.1.0", False), ("0.10.0", ">=0.9", True), ("0.2.0rc1", "==0.2.0", True), ("1.0", "<=1.0.0", True),
+])
+def test_version_satisfies(version, spec, expected):
+    assert bundle_mod.version_satisfies(version, spec) is expected
+
+
+@pytest.mark.parametrize("requires, pattern", [
+    ({"cuda": "12"}, r"requires asks for \['cuda'\].*use a newer medsec-edge"),
+    ({"runtime": "~=0.1"}, "requires.runtime must be a version spec"),
+    ({"runtime": ">=0.1.x"}, "requires.runtime must be a version spec"),
+    ({"runtime": 1}, "requires.runtime must be a version spec"),
+    ({"onnx_opset": "17"}, "requires.onnx_opset must be a positive integer"),
+    ({"onnx_opset": True}, "requires.onnx_opset must be a positive integer"),
+    ({"onnx_opset": 0}, "requires.onnx_opset must be a positive integer"),
+    ([], "requires must be a JSON object"),
+])
+def test_malformed_requires_is_refused(bundle_dir, keys, requires, pattern):
+    data = json.loads((bundle_dir / "manifest.json").read_bytes())
+    data["requires"] = requires
+    _resign(bundle_dir, data, keys["private"])
+    with pytest.raises(BundleError, match=pattern):
+        open_bundle(bundle_dir, public_key=keys["public"])
+
+
+# --- a .tar accounts for every byte ---------------------------------------------------------------
+
+
+def _flipped(data: bytes, position: int, mask: int = 0x01) -> bytes:
+    out = bytearray(data)
+    out[position] ^= mask
+    return bytes(out)
+
+
+def test_tar_bytes_that_change_no_file_are_still_refused(bundle_dir, keys, tmp_path):
+    tar_path = pack_tar(bundle_dir, tmp_path / "b.tar")
+    data = tar_path.read_bytes()
+    with tarfile.open(tar_path) as archive:
+        members = archive.getmembers()
+    first = members[0]
+    cases = {
+        "padding": (first.offset_data + first.size, "followed by non-zero padding"),
+        "trailer": (len(data) - 1, "non-zero bytes after its last member"),
+        "checksum terminator": (first.offset + 155, "malformed checksum field"),
+        "later header": (members[1].offset + 10, "not a readable tar|non-zero bytes after its last member"),
+    }
+    assert first.size % 512, "the padding case needs a member that does not fill its last block"
+    for what, (position, pattern) in cases.items():
+        altered = tmp_path / f"{what}.tar"
+        altered.write_bytes(_flipped(data, position))
+        with pytest.raises(BundleError, match=pattern):
+            open_bundle(altered, public_key=keys["public"])
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(data + b"more")
+    with pytest.raises(BundleError, match="after its last member"):
+        open_bundle(junk, public_key=keys["public"])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: first.offset_data + 100])
+    with pytest.raises(BundleError):
+        open_bundle(cut, public_key=keys["public"])
+
+
+def test_compressed_tar_opens_and_a_damaged_one_is_refused(bundle_dir, keys, tmp_path):
+    import gzip
+
+    packed = gzip.compress(pack_tar(bundle_dir, tmp_path / "b.tar").read_bytes(), mtime=0)
+    good = tmp_path / "b.tar.gz"
+    good.write_bytes(packed)
+    assert open_bundle(good, public_key=keys["public"]).manifest.name == "test-bundle"
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(_flipped(packed, len(packed) // 2))
+    with pytest.raises(BundleError, match="not a readable tar archive"):
+        open_bundle(bad, public_key=keys["public"])
+
+
+def test_tar_with_extended_headers_opens_and_their_padding_is_checked(bundle_dir, keys, tmp_path):
+    tar_path = tmp_path / "pax.tar"
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for path in sorted(bundle_dir.iterdir()):
+            info = archive.gettarinfo(path, arcname=f"bundle/{path.name}")
+            info.pax_headers = {"comment": "written by a tar that adds pax records"}
+            with path.open("rb") as handle:
+                archive.addfile(info, handle)
+    assert open_bundle(tar_path, public_key=keys["public"]).manifest.name == "test-bundle"
+    data = tar_path.read_bytes()
+    with tarfile.open(tar_path) as archive:
+        first = archive.getmembers()[0]
+    assert first.offset_data - first.offset == 3 * 512  # pax header, its records, the member's header
+    records_end = data.index(b"\x00", first.offset + 512)
+    altered = tmp_path / "altered.tar"
+    altered.write_bytes(_flipped(data, records_end + 5))
+    with pytest.raises(BundleError, match="followed by non-zero padding"):
+        open_bundle(altered, public_key=keys["public"])
