@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsec_edge.runtime.bundle import generate_signing_key, key_id, load_signing_key, write_bundle
+from medsec_edge.runtime.bundle import default_requires, generate_signing_key, key_id, load_signing_key, write_bundle
 from medsec_edge.runtime.watermark.spec import CODE_BITS, TILE, WORK_SIDE
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ def build_bundle(checkpoint: Path, bundle_dir: Path, *, signing_key: Path = DEFA
                        "parity_max_abs_error": parity, "parity_max_rel_error": parities["rel"],
                        "onnx_checker": "passed (full_check)"},
             "evaluation": evaluation or {},
+            "requires": default_requires(OPSET),
         }
         manifest, paths = _keep_other_models(bundle_dir, manifest, paths, Path(tmp), trusted_dir)
         out = write_bundle(bundle_dir, manifest, paths, private, overwrite=overwrite)
