@@ -5,7 +5,8 @@ Layer: calibration. The steps, each in its own module:
 1. the images are split by series (DICOM SeriesInstanceUID, else the folder): calibration and
    validation never share a volume (``--validation`` gives a separate set instead);
 2. ``recording``: each model's inputs as the FP32 runtime feeds them on the calibration images;
-3. ``variants``: each model's variant, layers that lose accuracy kept float;
+3. ``variants``: each model's variant, layers that lose accuracy kept float (none for the two
+   models that define the mark's tile and readout: ``MARK_DEFINING``);
 4. ``gate``: the variant bundle against the FP32 one on the validation images; a failure writes
    nothing (exit 1);
 5. latency of every model, FP32 beside its variant, on the recorded inputs (same run), and per
@@ -51,9 +52,16 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"int8": INT8, "fp16": FP16}
 FASTER_BY = 0.05  # a variant replaces FP32 on the CPU only when at least this much faster
 # Codes are compared across devices by the encoder's id (a SHA-256 of its bytes): a variant's
-# records would be an encoder_mismatch against every FP32 one, so the encoder keeps its FP32 file.
+# records would be an encoder_mismatch against every FP32 one, so the encoder keeps its FP32 file
+# on every target. Its variant is still made, gated and shipped as fp_encoder@<precision>.
 KEEP_FP32 = {"fp_encoder": "fingerprints are compared across devices by encoder id (SHA-256 of the model "
                            "file); another file would make every record an encoder_mismatch"}
+# The code-bits -> tile and readout models define the mark itself: every device must embed the tile
+# every reader expects. They run once per image (or once per load) on 128 values, so lowering them
+# saves nothing; lowered, they changed marks (INT8 wm_message on 24 validation images x 2 payloads:
+# j2k20 lost 1 of 48 exact reads, crop70_jpeg75 gained 2). No variant is made.
+MARK_DEFINING = {"wm_message": "defines the mark's tile; runs once per image on 128 values",
+                 "wm_readout": "defines the readout patterns; runs once per bundle load"}
 LATENCY_REPEATS = 5
 
 
@@ -159,6 +167,9 @@ def _latency_feeds(feeds: Sequence[dict], n: int = 6) -> list[dict]:
 
 
 def _select(name: str, variant: Variant | None, latency: dict[str, float], precision: str) -> dict:
+    if name in MARK_DEFINING:
+        why = f"no variant: {MARK_DEFINING[name]}"
+        return {"onnxruntime": {"use": "fp32", "why": why}, "tensorrt": {"use": "fp32", "why": why}}
     if variant is None:
         why = "no variant: every candidate layer lost accuracy, or the model has no layer to lower"
         return {"onnxruntime": {"use": "fp32", "why": why}, "tensorrt": {"use": "fp32", "why": why}}
@@ -232,6 +243,9 @@ def calibrate(bundle_path: Path, images: Sequence[Path], *, precision: str, out:
         variants: dict[str, Variant] = {}
         tick = progress(len(base), f"making {wanted} variants") if progress else (lambda: None)
         for name in base:
+            if name in MARK_DEFINING:
+                tick()
+                continue
             v = make_variant(work / "fp32" / reference.model(name).file, work / "variants" / f"{name}.{wanted}.onnx",
                              wanted, store.inputs.get(name, []), target_db=target_db)
             if v is not None:

@@ -76,7 +76,9 @@ def select_sources(manifest: Manifest, models: Iterable[str] | None = None) -> d
     """For each base model (all, or ``models``), the ONNX entry to build from, by ``PREFERENCE``.
 
     A variant ``<model>@<precision>`` must declare that precision; at equal precision the plain
-    entry wins over its ``@`` twin.
+    entry wins over its ``@`` twin. Where ``medsec-edge calibrate`` chose a precision for TensorRT
+    (``calibration.<precision>.selection.<model>.tensorrt.use``), that choice wins: the
+    fingerprint encoder, for one, stays FP32 so its codes keep one encoder id everywhere.
     """
     bases = sorted({base_name(name) for name in manifest.models})
     wanted = bases if models is None else list(dict.fromkeys(models))
@@ -94,13 +96,23 @@ def select_sources(manifest: Manifest, models: Iterable[str] | None = None) -> d
                 raise BundleError(f"model {name!r} is named for {suffix} but declares precision {entry.precision}")
             if entry.precision not in by_precision or name == base:
                 by_precision[entry.precision] = entry
-        for precision in PREFERENCE:
+        chosen = _calibrated_choice(manifest, base)
+        for precision in ([chosen] if chosen in by_precision else []) + list(PREFERENCE):
             if precision in by_precision:
                 sources[base] = by_precision[precision]
                 break
         else:
             raise BundleError(f"model {base!r} has no ONNX file to build an engine from (only TensorRT plans)")
     return sources
+
+
+def _calibrated_choice(manifest: Manifest, base: str) -> str | None:
+    for section in manifest.calibration.values():
+        if isinstance(section, dict):
+            use = section.get("selection", {}).get(base, {}).get("tensorrt", {}).get("use")
+            if isinstance(use, str):
+                return use
+    return None
 
 
 def profile_sides(manifest: Manifest) -> tuple[int, int, int]:

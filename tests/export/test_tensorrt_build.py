@@ -101,6 +101,19 @@ def test_sources_prefer_int8_then_fp16_then_fp32(default_manifest):
         select_sources(manifest, ["nope"])
 
 
+def test_the_calibrated_choice_for_tensorrt_wins(default_manifest):
+    """``calibrate`` keeps the fingerprint encoder FP32 for TensorRT too (one encoder id)."""
+    models = dict(default_manifest.models)
+    for variant in (_variant(default_manifest, "fp_encoder", "int8-qdq"), _variant(default_manifest, "wm_decoder", "int8-qdq")):
+        models[variant.name] = variant
+    selection = {"fp_encoder": {"tensorrt": {"use": "fp32"}}, "wm_decoder": {"tensorrt": {"use": "int8-qdq"}}}
+    manifest = replace(default_manifest, models=models,
+                       calibration={**default_manifest.calibration, "int8": {"selection": selection}})
+    sources = select_sources(manifest)
+    assert sources["fp_encoder"].name == "fp_encoder"
+    assert sources["wm_decoder"].name == "wm_decoder@int8-qdq"
+
+
 def test_a_variant_must_declare_the_precision_it_is_named_for(default_manifest):
     wrong = replace(_variant(default_manifest, "wm_decoder", "fp16"), name="wm_decoder@int8-qdq")
     manifest = replace(default_manifest, models={**default_manifest.models, wrong.name: wrong})
