@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from medsec_edge.runtime.cli import bundles, crypto, images, node
+from medsec_edge.runtime.cli import bench, bundles, crypto, images, node
 from medsec_edge.runtime.cli.extras import missing_extra
 from medsec_edge.runtime.cli.help import Command, Group, compose_help
 from medsec_edge.runtime.cli.logs import setup_logging
@@ -84,6 +84,7 @@ images.register(app)
 crypto.register(app)
 node.register(app)
 bundles.register(app)
+bench.register(app)
 register_plugins(app)
 
 

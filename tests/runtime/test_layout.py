@@ -64,7 +64,7 @@ def test_runtime_has_no_import_cycle():
 
 def test_capabilities_live_in_their_own_subpackages():
     top = sorted(p.name for p in RUNTIME.iterdir() if p.suffix == ".py")
-    assert top == ["__init__.py", "bundle.py", "bundle_store.py", "errors.py", "pipeline.py"]
+    assert top == ["__init__.py", "bench.py", "bundle.py", "bundle_store.py", "errors.py", "pipeline.py"]
     for package in ("io", "watermark", "tamper", "crypto", "backends", "cli"):
         assert (RUNTIME / package / "__init__.py").is_file(), package
 
