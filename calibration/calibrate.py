@@ -9,7 +9,7 @@ Layer: calibration. The steps, each in its own module:
    models that define the mark's tile and readout: ``MARK_DEFINING``);
 4. ``gate``: the variant bundle against the FP32 one on the validation images; a failure writes
    nothing (exit 1);
-5. latency of every model, FP32 beside its variant, on the recorded inputs (same run), and per
+5. latency of every model, FP32 beside its variant, on the recorded inputs (interleaved), and per
    target the variant to use: on ONNX Runtime (CPU) the faster of the two, because INT8 can be
    slower than FP32 on a CPU; for TensorRT the variant (the strongly typed build takes its
    precision from the ONNX);
@@ -62,7 +62,7 @@ KEEP_FP32 = {"fp_encoder": "fingerprints are compared across devices by encoder 
 # j2k20 lost 1 of 48 exact reads, crop70_jpeg75 gained 2). No variant is made.
 MARK_DEFINING = {"wm_message": "defines the mark's tile; runs once per image on 128 values",
                  "wm_readout": "defines the readout patterns; runs once per bundle load"}
-LATENCY_REPEATS = 5
+LATENCY_ROUNDS = 10
 
 
 class GateFailed(MedsecError):
@@ -143,22 +143,29 @@ def split_by_series(files: Sequence[Path], validation_share: float = 0.5) -> tup
     return sorted(calibration), sorted(validation)
 
 
-def _time_model(path: Path, feeds: Sequence[dict], repeats: int = LATENCY_REPEATS, threads: int | None = None) -> float:
-    """Median ms per call over ``feeds`` (each run ``repeats`` times after a warm-up)."""
+def _time_models(paths: dict[str, Path], feeds: Sequence[dict], rounds: int = LATENCY_ROUNDS,
+                 threads: int | None = None) -> dict[str, float]:
+    """Median ms per call of each model file on ``feeds``, interleaved: every round runs each
+    file once on each input in turn, so a busy moment of the machine costs every variant alike."""
     from medsec_edge.runtime.backends import get_backend
 
-    session = get_backend("onnxruntime").load(path.read_bytes(), threads=threads)
+    backend = get_backend("onnxruntime")
+    sessions = {key: backend.load(path.read_bytes(), threads=threads) for key, path in paths.items()}
+    times: dict[str, list[float]] = {key: [] for key in paths}
     try:
-        times = []
-        for feed in feeds:
-            session.run(feed)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
+        for feed in feeds:  # warm-up: the first run of a session plans and allocates
+            for session in sessions.values():
                 session.run(feed)
-                times.append((time.perf_counter() - t0) * 1000.0)
-        return statistics.median(times)
+        for _ in range(rounds):
+            for feed in feeds:
+                for key, session in sessions.items():
+                    t0 = time.perf_counter()
+                    session.run(feed)
+                    times[key].append((time.perf_counter() - t0) * 1000.0)
+        return {key: statistics.median(values) for key, values in times.items()}
     finally:
-        session.close()
+        for session in sessions.values():
+            session.close()
 
 
 def _latency_feeds(feeds: Sequence[dict], n: int = 6) -> list[dict]:
@@ -263,9 +270,10 @@ def calibrate(bundle_path: Path, images: Sequence[Path], *, precision: str, out:
         selection: dict[str, dict[str, dict[str, str]]] = {}
         for name in base:
             feeds = _latency_feeds(store.inputs.get(name, []))
-            row = {"fp32": round(_time_model(work / "fp32" / reference.model(name).file, feeds), 3)}
+            files = {"fp32": work / "fp32" / reference.model(name).file}
             if name in variants:
-                row[wanted] = round(_time_model(variants[name].path, feeds), 3)
+                files[wanted] = variants[name].path
+            row = {k: round(v, 3) for k, v in _time_models(files, feeds).items()}
             row["inputs"] = [list(next(iter(f.values())).shape) for f in feeds[:1]]
             latency[name] = row
             selection[name] = _select(name, variants.get(name), row, wanted)
