@@ -236,11 +236,18 @@ def calibrate(bundle_path: Path, images: Sequence[Path], *, precision: str, out:
             raise UsageError(f"{len(overlap)} file(s) are in both --images and --validation")
     else:
         calib_files, val_files = split_by_series(files)
+    if not calib_files or not val_files:
+        raise UsageError(f"calibration needs images on both sides: {len(calib_files)} for calibration, "
+                         f"{len(val_files)} for validation")
     log.info("calibration: %d images, validation: %d images", len(calib_files), len(val_files))
 
     tick = progress(len(calib_files), "recording inputs") if progress else (lambda: None)
     store = record_inputs(reference, calib_files, per_model=per_model, seed=seed,
                           progress=lambda items: _ticking(items, tick))
+    unfed = [n for n in base if not store.inputs.get(n)]
+    if unfed:
+        raise UsageError(f"no calibration image reached {', '.join(unfed)}: none of the {len(calib_files)} "
+                         "files could be read as an image (see the warnings above)")
 
     with tempfile.TemporaryDirectory(prefix="medsec-calibrate-", dir=out.parent if out.parent.exists() else None) as tmp:
         work = Path(tmp)
@@ -270,10 +277,10 @@ def calibrate(bundle_path: Path, images: Sequence[Path], *, precision: str, out:
         selection: dict[str, dict[str, dict[str, str]]] = {}
         for name in base:
             feeds = _latency_feeds(store.inputs.get(name, []))
-            files = {"fp32": work / "fp32" / reference.model(name).file}
+            model_paths = {"fp32": work / "fp32" / reference.model(name).file}
             if name in variants:
-                files[wanted] = variants[name].path
-            row = {k: round(v, 3) for k, v in _time_models(files, feeds).items()}
+                model_paths[wanted] = variants[name].path
+            row = {k: round(v, 3) for k, v in _time_models(model_paths, feeds).items()}
             row["inputs"] = [list(next(iter(f.values())).shape) for f in feeds[:1]]
             latency[name] = row
             selection[name] = _select(name, variants.get(name), row, wanted)
@@ -287,7 +294,7 @@ def calibrate(bundle_path: Path, images: Sequence[Path], *, precision: str, out:
                        "split": "--validation" if validation else "by series (SeriesInstanceUID, else folder), 50/50 by hash"},
             "recorded_inputs": {n: {"kept": len(v), "seen": store.seen.get(n, 0)} for n, v in store.inputs.items()},
             "method": ("onnxruntime.quantization.quantize_static, QDQ, int8 symmetric activations (moving-average "
-                       "min/max) and per-channel symmetric int8 weights" if wanted == INT8 else
+                       "min/max), per-channel symmetric int8 weights, float biases" if wanted == INT8 else
                        "onnxruntime.transformers.float16.convert_float_to_float16, float inputs/outputs kept"),
             "target_output_sqnr_db": target_db,
             "variants": {n: v.to_dict() for n, v in variants.items()},

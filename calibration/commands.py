@@ -47,13 +47,13 @@ def calibrate(
     against the FP32 bundle on validation images (payload recovery per attack may drop by 0.5
     point at most, tamper and fingerprint AUC by 0.005, no false detection) and write a signed
     bundle. A failed gate writes nothing and exits 1."""
-    require("calibrate", "export", *NEEDS)
+    require("calibrate", "export,eval", *NEEDS)
     try:
         from medsec_edge.calibration.calibrate import GateFailed
         from medsec_edge.calibration.calibrate import calibrate as run_calibration
         from medsec_edge.export.watermark_export import DEFAULT_SIGNING_KEY
     except ImportError as exc:
-        missing_extra("calibrate", "export", exc.name or "a module")
+        missing_extra("calibrate", "export,eval", exc.name or "a module")
     argv = ["medsec-edge", "calibrate", str(bundle), "--precision", precision, "--out", str(out)]
     for path in images:
         argv += ["--images", str(path)]

@@ -24,7 +24,7 @@ from medsec_edge.runtime.errors import MedsecError
 COMMAND_GROUP = "medsec_edge.commands"
 
 # Which extra brings a workstation command, for the message when it is missing.
-EXTRA_OF = {"train": "train", "export": "export", "eval": "eval", "calibrate": "export", "build": "export"}
+EXTRA_OF = {"train": "train", "export": "export", "eval": "eval", "calibrate": "export,eval", "build": "export"}
 
 log = logging.getLogger("medsec_edge")
 

@@ -136,6 +136,14 @@ def test_usage_errors(image_sets, signing, tmp_path):
     result = runner_invoke(["calibrate", str(default_bundle_path()), "--images", str(tmp_path / "missing"),
                             "--precision", "int8", "--out", str(tmp_path / "x"), "--signing-key", str(signing[0])])
     assert result.exit_code == 2 and "does not exist" in result.output
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.dcm").write_bytes(b"not an image")
+    result = runner_invoke(["calibrate", str(default_bundle_path()), "--images", str(junk), "--validation",
+                            str(calib), "--precision", "int8", "--out", str(tmp_path / "x"),
+                            "--signing-key", str(signing[0])])
+    assert result.exit_code == 2 and "no calibration image reached" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def _series(tmp_path, groups):
