@@ -118,21 +118,22 @@ def _watermark(ref: Side, cand: Side, images, attacks: Sequence[str], trials: in
                     marked[side.name] = replace(image, pixels=side.watermarker.embed(image, payload).pixels)
                 except MedsecError as exc:
                     log.info("validation image %d not marked by %s: %s", i, side.name, exc)
-            if len(marked) < 2:
-                continue
+            if "reference" not in marked:
+                continue  # the image cannot carry a mark at all (its size): nothing to compare
             for j, attack in enumerate(attacks):
                 att = {name: attack_image(m, attack, _rng(seed, i, trial, j)) for name, m in marked.items()}
                 row = counts[attack]
                 row["n"] += 1
                 row["reference"] += _reads(ref.watermarker, att["reference"], payload)[1]
-                row["candidate"] += _reads(cand.watermarker, att["candidate"], payload)[1]
-                row["cross_reference_reads_candidate"] += _reads(ref.watermarker, att["candidate"], payload)[1]
                 row["cross_candidate_reads_reference"] += _reads(cand.watermarker, att["reference"], payload)[1]
-                if trial == 0:
-                    clean = attack_image(image, attack, _rng(seed, i, trial, j))
-                    false["n"] += 1
-                    false["reference"] += _reads(ref.watermarker, clean, b"")[0]
-                    false["candidate"] += _reads(cand.watermarker, clean, b"")[0]
+                if "candidate" in att:  # a candidate that refused to mark reads nothing
+                    row["candidate"] += _reads(cand.watermarker, att["candidate"], payload)[1]
+                    row["cross_reference_reads_candidate"] += _reads(ref.watermarker, att["candidate"], payload)[1]
+        for j, attack in enumerate(attacks):  # the unmarked image, marked or not
+            clean = attack_image(image, attack, _rng(seed, i, 0, j))
+            false["n"] += 1
+            false["reference"] += _reads(ref.watermarker, clean, b"")[0]
+            false["candidate"] += _reads(cand.watermarker, clean, b"")[0]
         tick()
     recovery = {a: {k: round(100.0 * c[k] / c["n"], 3) if c["n"] else float("nan") for k in keys} | {"n": c["n"]}
                 for a, c in counts.items()}
