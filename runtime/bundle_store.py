@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from medsec_edge.runtime.bundle import MANIFEST_FILE, Bundle, open_bundle
 from medsec_edge.runtime.errors import BundleError, UsageError
+from medsec_edge.runtime.io.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +286,9 @@ def _copy_verified(opened: Bundle, target: Path, verify: dict[str, Any]) -> None
         copy = open_bundle(staging, **verify)
         if copy.manifest_bytes != opened.manifest_bytes:
             raise BundleError(f"the copy in {staging} has another manifest than {opened.path}: disk error?")
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.rename(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -304,7 +305,7 @@ def _point(device_dir: Path, name: str, version: str) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    _fsync_dir(device_dir)
+    fsync_dir(device_dir)
 
 
 def _prune(device_dir: Path, keep: int, current: str, previous: str | None) -> tuple[str, ...]:
@@ -351,21 +352,6 @@ def _log(device_dir: Path, change: StoreChange) -> None:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in ``path`` durable (POSIX; a no-op where directories cannot
-    be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
