@@ -263,8 +263,9 @@ def test_a_modified_bundle_is_refused_before_any_build(tmp_path, keys, stand_in,
 # --- with TensorRT ------------------------------------------------------------------------------
 
 
+# Not marked slow: CI's "not slow" run must report the probe's reason here, and where TensorRT
+# exists the build of two small models is what this test is for.
 @pytest.mark.tensorrt
-@pytest.mark.slow
 def test_real_build_runs_and_matches_onnxruntime(tmp_path, keys):
     key, trusted = keys
     cache = tmp_path / "timing.cache"
