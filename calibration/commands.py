@@ -64,6 +64,7 @@ def calibrate(
     argv += ["--trials", str(trials), "--per-model", str(per_model), "--target-db", f"{target_db:g}"]
 
     def bar(total: int, what: str):
+        _close(bars)  # one live bar at a time (rich allows one): the previous step is done
         context = progress(total, what)
         tick = context.__enter__()
         bars.append(context)
@@ -94,7 +95,7 @@ def calibrate(
              "cpu_uses": result.selection[name]["onnxruntime"]["use"],
              "trt_uses": result.selection[name]["tensorrt"]["use"]}
             for name, row in result.latency_ms.items()]
-    table(f"latency on this CPU (median over the largest recorded inputs) and the choice per target",
+    table("latency on this CPU (median over the largest recorded inputs) and the choice per target",
           rows, ["model", "fp32_ms", f"{precision}_ms", "cpu_uses", "trt_uses"],
           details=[f"{n}: {s['onnxruntime']['why']}" for n, s in result.selection.items()])
     table(None, [{"wrote": str(result.out), "calibration": result.calibration_images,
