@@ -36,6 +36,7 @@ from medsec_edge.runtime.bundle import (
     ModelEntry,
     load_signing_key,
     open_bundle,
+    split_variant,
     write_bundle,
 )
 from medsec_edge.runtime.errors import BackendUnavailableError, BundleError, UsageError
@@ -69,7 +70,7 @@ Profiles = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max
 
 def base_name(model: str) -> str:
     """``wm_decoder@int8-qdq`` -> ``wm_decoder``: the name the runtime loads."""
-    return model.split("@", 1)[0]
+    return split_variant(model)[0]
 
 
 def select_sources(manifest: Manifest, models: Iterable[str] | None = None) -> dict[str, ModelEntry]:
@@ -91,7 +92,7 @@ def select_sources(manifest: Manifest, models: Iterable[str] | None = None) -> d
         for name, entry in manifest.models.items():
             if base_name(name) != base or entry.is_tensorrt:
                 continue
-            suffix = name.partition("@")[2]
+            suffix = split_variant(name)[1]
             if suffix and suffix != entry.precision:
                 raise BundleError(f"model {name!r} is named for {suffix} but declares precision {entry.precision}")
             if entry.precision not in by_precision or name == base:

@@ -64,7 +64,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from medsec_edge.runtime.bundle import Bundle, ModelEntry
+from medsec_edge.runtime.bundle import Bundle, ModelEntry, split_variant
 from medsec_edge.runtime.errors import MedsecError, UsageError
 from medsec_edge.runtime.io.image import ImageMeta, MedicalImage
 from medsec_edge.runtime.pipeline import default_bundle_path, load_watermarker, size_class
@@ -283,7 +283,7 @@ def synthetic_image(size: int, seed: int = SEED) -> MedicalImage:
 
 
 def _base(name: str) -> str:
-    return name.split("@", 1)[0]
+    return split_variant(name)[0]
 
 
 def model_inputs(entry: ModelEntry, image: MedicalImage) -> dict[str, np.ndarray]:
@@ -412,7 +412,7 @@ def _model_sessions(bundle: Bundle, threads: int | None, sessions: dict) -> tupl
 
 
 def _model_record(entry: ModelEntry, backend: str, size: int, status: str, **kw) -> ModelTiming:
-    variant = entry.name.split("@", 1)[1] if "@" in entry.name else None
+    variant = split_variant(entry.name)[1]
     return ModelTiming(model=entry.name, variant=variant, precision=entry.precision, target=entry.target,
                        backend=backend, size=size, status=status, **kw)
 

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST_VERSION",
+    "split_variant",
     "Bundle",
     "Manifest",
     "ModelEntry",
@@ -946,6 +947,15 @@ class Bundle:
 
     def __repr__(self) -> str:
         return f"<Bundle {self.manifest.name!r} at {self.path} signed by {self.key_id}>"
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``wm_decoder@int8-qdq`` -> (``wm_decoder``, ``int8-qdq``); a plain name -> (name, None).
+
+    A plain model name is what the runtime loads; ``<model>@<precision>`` entries are the other
+    precisions of that model kept in the bundle (``medsec-edge calibrate``, ``build``)."""
+    base, sep, variant = name.partition("@")
+    return base, (variant if sep else None)
 
 
 def version_id(name: str, manifest_bytes: bytes) -> str:

@@ -95,7 +95,13 @@ def describe(bundle: Path, trusted_keys: Optional[Path] = None) -> dict[str, Any
     """The inspect view of ``bundle`` as one JSON-ready dict, with the verification verdict:
     ``status`` is ``verified``, ``cannot run here`` (signature and files good, compatibility
     not) or ``not verified`` (then everything else is only what the manifest claims)."""
-    from medsec_edge.runtime.bundle import model_compatibility, open_bundle, peek_manifest, version_id
+    from medsec_edge.runtime.bundle import (
+        model_compatibility,
+        open_bundle,
+        peek_manifest,
+        split_variant,
+        version_id,
+    )
     from medsec_edge.runtime.bundle_store import resolve_bundle_path
 
     path = resolve_bundle_path(bundle)
@@ -124,13 +130,14 @@ def describe(bundle: Path, trusted_keys: Optional[Path] = None) -> dict[str, Any
         signer, compatibility = manifest.key_id, {}
 
     models = []
-    for name in sorted(manifest.models, key=lambda n: (n.split("@", 1)[0], "@" in n, n)):
+    for name in sorted(manifest.models, key=lambda n: (split_variant(n)[0], "@" in n, n)):
         entry = manifest.models[name]
         reason = compatibility.get(name)
+        base, variant = split_variant(name)
         models.append({
-            "model": name.split("@", 1)[0],
+            "model": base,
             "name": name,
-            "variant": name.split("@", 1)[1] if "@" in name else None,
+            "variant": variant,
             "precision": entry.precision,
             "target": entry.target,
             "file": entry.file,
