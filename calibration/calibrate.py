@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import statistics
 import tempfile
 import time
@@ -32,7 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 
 from medsec_edge.calibration.gate import GateReport, run_gate
 from medsec_edge.calibration.recording import file_digest, record_inputs

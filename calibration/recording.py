@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medsec_edge.evaluation.attacks import attack_image
 from medsec_edge.runtime.backends.base import Session
+from medsec_edge.runtime.errors import MedsecError
 from medsec_edge.runtime.io.image import MedicalImage
 from medsec_edge.runtime.io.readers import read_image
-from medsec_edge.runtime.errors import MedsecError
+from medsec_edge.runtime.tamper.checker import TamperChecker
+from medsec_edge.runtime.tamper.fingerprint import display_frames
+from medsec_edge.runtime.tamper.learned_fingerprint import FingerprintEncoder, learned_cell_size_for
+from medsec_edge.runtime.watermark.models import BundleWatermarkModels
+from medsec_edge.runtime.watermark.payload import PayloadCodec
+from medsec_edge.runtime.watermark.watermarker import Watermarker
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +86,6 @@ def file_digest(path: Path) -> str:
 def record_inputs(bundle, images: Sequence[Path], *, per_model: int = 64, seed: int = 0,
                   progress: Callable[[Iterable], Iterable] | None = None) -> InputStore:
     """Run the FP32 ``bundle``'s runtime on ``images`` and keep each model's inputs."""
-    from medsec_edge.evaluation.attacks import attack_image
-    from medsec_edge.runtime.tamper.checker import TamperChecker
-    from medsec_edge.runtime.tamper.learned_fingerprint import FingerprintEncoder, learned_cell_size_for
-    from medsec_edge.runtime.tamper.fingerprint import display_frames
-    from medsec_edge.runtime.watermark.models import BundleWatermarkModels
-    from medsec_edge.runtime.watermark.payload import PayloadCodec
-    from medsec_edge.runtime.watermark.watermarker import Watermarker
-
     store = InputStore(per_model, seed)
     rng = np.random.default_rng(seed)
     models = BundleWatermarkModels(bundle)
@@ -111,14 +110,11 @@ def record_inputs(bundle, images: Sequence[Path], *, per_model: int = 64, seed: 
         except MedsecError as exc:
             log.warning("calibration image %s skipped: %s", file_digest(path), exc)
             continue
-        _exercise(image, watermarker, checker, encoder, rng, attack_image, display_frames, learned_cell_size_for)
+        _exercise(image, watermarker, checker, encoder, rng)
     return store
 
 
-def _exercise(image: MedicalImage, watermarker, checker, encoder, rng, attack_image, display_frames,
-              cell_size_for) -> None:
-    from dataclasses import replace
-
+def _exercise(image: MedicalImage, watermarker, checker, encoder, rng) -> None:
     try:
         embedded = watermarker.embed(image, rng.bytes(8))
     except MedsecError as exc:  # too small to carry a mark: the other models still see it
@@ -136,4 +132,4 @@ def _exercise(image: MedicalImage, watermarker, checker, encoder, rng, attack_im
     if encoder is not None:
         displays, _ = display_frames(image)
         for display in displays[:2]:
-            encoder.codes(display, cell_size_for(image.shape_hw))
+            encoder.codes(display, learned_cell_size_for(image.shape_hw))

@@ -78,11 +78,17 @@ class _Reader:
         self._it = iter(self._feeds)
 
 
-def _candidate_nodes(model, precision: str) -> list[str]:
-    names = []
+def _name_nodes(model) -> None:
+    """Give every unnamed node a name: the exclusion lists name nodes."""
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
+
+
+def _candidate_nodes(model, precision: str) -> list[str]:
+    """The nodes ``precision`` may lower (named by ``_name_nodes``)."""
+    names = []
+    for node in model.graph.node:
         if precision == INT8 and node.op_type not in QUANTIZED_OPS:
             continue
         if precision == FP16 and node.op_type in ("Constant", "Shape", "Cast"):
@@ -96,7 +102,7 @@ def _named_copy(src: Path, dst: Path) -> Path:
     import onnx
 
     model = onnx.load(str(src))
-    _candidate_nodes(model, FP16)
+    _name_nodes(model)
     onnx.save(model, str(dst))
     return dst
 
